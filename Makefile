@@ -1,0 +1,37 @@
+# prefect-maintenance: every command a user or CI needs.
+SHELL := /bin/bash
+PYTHON := .venv/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
+STATE_DIR ?= .local/stack
+PORT ?= 4200
+
+.PHONY: install demo test lint up down status deploy worker bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml uv.lock
+	@if ! command -v uv >/dev/null 2>&1 && [ ! -x .venv-tools/bin/uv ]; then \
+		python3 -m venv .venv-tools && .venv-tools/bin/pip install --quiet uv; fi
+	UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups
+	@touch $@
+
+demo: install
+	$(PYTHON) -m localstack.demo
+
+test: install
+	$(PYTHON) -m pytest
+
+lint: install
+	$(PYTHON) -m ruff check .
+
+up: install
+	$(PYTHON) -m localstack.stack up --foreground --state-dir $(STATE_DIR) --port $(PORT)
+
+down: install
+	$(PYTHON) -m localstack.stack down --state-dir $(STATE_DIR) --port $(PORT)
+
+status: install
+	$(PYTHON) -m localstack.stack status --state-dir $(STATE_DIR) --port $(PORT)
+
+clean: down
+	rm -rf .local

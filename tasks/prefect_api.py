@@ -37,16 +37,12 @@ async def prefect_client() -> AsyncIterator[PrefectClient]:
         yield client
 
 
-async def call(
-    client: PrefectClient, method: str, path: str, json: Any = None, params: Any = None
-) -> Any:
+async def call(client: PrefectClient, method: str, path: str, json: Any = None, params: Any = None) -> Any:
     """One request to the API; returns the decoded JSON body (or None when there is none)."""
     try:
         response = await client._client.request(method, path, json=json, params=params)
     except httpx.HTTPStatusError as error:
-        raise PrefectApiError(
-            method, path, error.response.status_code, error.response.text
-        ) from None
+        raise PrefectApiError(method, path, error.response.status_code, error.response.text) from None
     except httpx.TransportError as error:
         raise PrefectApiError(method, path, None, type(error).__name__) from None
     if response.status_code >= 400:

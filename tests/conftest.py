@@ -23,8 +23,12 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="maintenance-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "client-home")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("XDG_RUNTIME_DIR", str(_SESSION_DIR / "runtime"))
-for _name in ("MAINTENANCE_DATABASE_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
-              "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_URL"):
+for _name in (
+    "MAINTENANCE_DATABASE_URL",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_API_URL",
+):
     os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
@@ -78,32 +82,53 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "no_stack: the test needs no Prefect server")
 
 
-@pytest.fixture
-def fresh_server(stack: Stack):
-    """Factory: an isolated Prefect server on a new database; stopped and dropped after."""
-    started: list[tuple[PrefectServer, str]] = []
+class ServerFactory:
+    """Starts isolated Prefect servers, each on a new database of the session PostgreSQL."""
 
-    def start(*, services_on: bool = False, extra_env: dict[str, str] | None = None) -> PrefectServer:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.started: list[tuple[PrefectServer, str]] = []
+
+    def __call__(
+        self, *, services_on: bool = False, extra_env: dict[str, str] | None = None
+    ) -> PrefectServer:
         database = f"prefect_{uuid.uuid4().hex[:10]}"
-        stack.postgres.create_database(database)
+        self.stack.postgres.create_database(database)
         server = PrefectServer(
             home=_SESSION_DIR / database,
-            database_url=stack.postgres.url(database),
+            database_url=self.stack.postgres.url(database),
             port=free_port(),
             services_on=services_on,
             extra_env=extra_env or {},
         ).start()
-        started.append((server, database))
+        self.started.append((server, database))
         return server
 
-    yield start
-    for server, database in started:
-        server.stop()
-        stack.postgres.drop_database(database)
+    def close(self) -> None:
+        for server, database in self.started:
+            server.stop()
+            self.stack.postgres.drop_database(database)
+        self.started.clear()
+
+
+@pytest.fixture
+def fresh_server(stack: Stack) -> Iterator[ServerFactory]:
+    """Factory: isolated Prefect servers on new databases; stopped and dropped after the test."""
+    factory = ServerFactory(stack)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(stack: Stack) -> Iterator[ServerFactory]:
+    """The same, shared by the tests of one module (a server costs about 10 s to start)."""
+    factory = ServerFactory(stack)
+    yield factory
+    factory.close()
 
 
 @contextmanager
-def _serving(server: PrefectServer) -> Iterator[PrefectServer]:
+def serving(server: PrefectServer) -> Iterator[PrefectServer]:
     with use_server(server.api_url, server.database_url):
         yield server
 
@@ -111,7 +136,7 @@ def _serving(server: PrefectServer) -> Iterator[PrefectServer]:
 @pytest.fixture
 def on_fresh_server(fresh_server) -> Iterator[PrefectServer]:
     """The test talks to its own isolated Prefect server (PostgreSQL)."""
-    with _serving(fresh_server()) as server:
+    with serving(fresh_server()) as server:
         yield server
 
 
@@ -131,5 +156,5 @@ def sqlite_server() -> Iterator[PrefectServer]:
 @pytest.fixture
 def on_sqlite_server(sqlite_server: PrefectServer) -> Iterator[PrefectServer]:
     """The test talks to the SQLite-backed Prefect server."""
-    with _serving(sqlite_server) as server:
+    with serving(sqlite_server) as server:
         yield server

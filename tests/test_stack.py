@@ -30,9 +30,11 @@ def test_stack_up_down_twice_and_reuse(tmp_path):
 async def test_session_server_is_on_postgres(stack):
     async with connect() as connection:
         version = (await connection.execute(text("SHOW server_version"))).scalar_one()
-        tables = (await connection.execute(text(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'"
-        ))).scalar_one()
+        tables = (
+            await connection.execute(
+                text("SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'")
+            )
+        ).scalar_one()
     assert int(version.split(".")[0]) >= 15
     assert tables == 1
     async with prefect_client() as client:

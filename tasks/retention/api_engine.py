@@ -1,0 +1,366 @@
+"""The API engine: retention through the Prefect API alone (Prefect Cloud, or no database access).
+
+Per batch of top-level runs: read them again with their subflows (level by level through
+`parent_flow_run_id`), let the policy judge each tree, then delete the accepted runs with
+`POST /flow_runs/bulk_delete` (50 a call, filtered by id *and* terminal state, so a run
+that left its terminal state in the meantime stays), deepest subflows first: a parent is
+only deleted once all of its subflows are, so none is ever left as a fake top-level run.
+If the server has no `bulk_delete` route, runs are deleted one by one with
+`DELETE /flow_runs/{id}`. The deleted runs' artifacts go with `DELETE /artifacts/{id}`
+(the server re-points their collections). The server deletes the runs' logs itself, in
+its background queue; the API has no way to delete logs, cache rows or events.
+
+Calls run with bounded concurrency; 429, 5xx answers and timeouts slow the throttle down
+and are retried after a back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from time import perf_counter
+from typing import Any, TypeVar
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+
+from tasks.prefect_api import BULK_LIMIT, PAGE_SIZE, PrefectApiError, call, paginate, prefect_client
+from tasks.retention.parameters import TERMINAL_STATES
+from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
+from tasks.retention.rate_limit import Throttle
+from tasks.retention.report import BatchOutcome
+
+# Answers that mean "the server is struggling": slow down and try again.
+PUSHBACK_STATUSES = {429, 500, 502, 503, 504}
+ATTEMPTS = 5
+# Answers that mean "this server has no bulk_delete route".
+NO_SUCH_ROUTE = {404, 405}
+T = TypeVar("T")
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def run_record(row: dict[str, Any]) -> RunRecord:
+    state = row.get("state")
+    return RunRecord(
+        id=UUID(row["id"]),
+        name=row["name"],
+        flow_id=UUID(row["flow_id"]),
+        deployment_id=UUID(row["deployment_id"]) if row.get("deployment_id") else None,
+        # A run without a state shows as "Unknown": not known to be finished.
+        state_type=row.get("state_type") if state else None,
+        finished=age_reference(
+            _timestamp(row.get("end_time")),
+            _timestamp(state["timestamp"]) if state else None,
+            _timestamp(row.get("expected_start_time")),
+            _timestamp(row.get("created")),
+        ),
+        tags=tuple(row.get("tags") or ()),
+        parent_task_run_id=UUID(row["parent_task_run_id"]) if row.get("parent_task_run_id") else None,
+    )
+
+
+def _chunks(values: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _ids(values: Iterable[UUID]) -> list[str]:
+    return [str(value) for value in values]
+
+
+class ApiEngine:
+    """Retention through the Prefect API; one instance per flow run."""
+
+    name = "api"
+
+    def __init__(self, client: PrefectClient, throttle: Throttle, concurrency: int) -> None:
+        self._client = client
+        self._throttle = throttle
+        self._slots = asyncio.Semaphore(concurrency)
+        self._bulk_delete_exists = True
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, throttle: Throttle, concurrency: int) -> AsyncIterator[ApiEngine]:
+        async with prefect_client() as client:
+            yield cls(client, throttle, concurrency)
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """The API has no lock to offer; the deployments' concurrency limit of 1 keeps purges apart."""
+        yield
+
+    async def _call(self, method: str, path: str, json: Any = None) -> Any:
+        return await self._with_backoff(lambda: call(self._client, method, path, json=json))
+
+    async def _all(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every row of a filter route, all pages."""
+
+        async def every_page() -> list[dict[str, Any]]:
+            return [row async for row in paginate(self._client, path, body)]
+
+        return await self._with_backoff(every_page)
+
+    async def _with_backoff(self, request: Callable[[], Awaitable[T]]) -> T:
+        """At most `concurrency` requests at a time; retried with back-off when the server pushes back."""
+        attempt = 0
+        while True:
+            try:
+                async with self._slots:
+                    return await request()
+            except PrefectApiError as error:
+                pushback = error.status_code is None or error.status_code in PUSHBACK_STATUSES
+                if not pushback or attempt == ATTEMPTS - 1:
+                    raise
+            await self._throttle.after_pushback(attempt)
+            attempt += 1
+
+    async def _gather(self, calls: Iterable[Awaitable[T]]) -> list[T]:
+        return list(await asyncio.gather(*calls))
+
+    # Reads -----------------------------------------------------------------------------
+
+    async def deployments_named(self, names: Iterable[str]) -> dict[str, UUID]:
+        names = set(names)
+        deployments = await self._all(
+            "/deployments/filter",
+            {"deployments": {"name": {"any_": sorted({name.partition("/")[2] for name in names})}}},
+        )
+        flow_names, _ = await self.names_of({UUID(row["flow_id"]) for row in deployments}, ())
+        found = {
+            f"{flow_names.get(UUID(row['flow_id']))}/{row['name']}": UUID(row["id"]) for row in deployments
+        }
+        return {name: deployment_id for name, deployment_id in found.items() if name in names}
+
+    async def flows_named(self, names: Iterable[str]) -> dict[str, UUID]:
+        flows = await self._all("/flows/filter", {"flows": {"name": {"any_": sorted(set(names))}}})
+        return {row["name"]: UUID(row["id"]) for row in flows}
+
+    async def newest_per_deployment(self, keep: int) -> set[UUID]:
+        """The `keep` newest finished runs of every deployment, ranked exactly as the SQL engine ranks them."""
+        deployments = await self._all("/deployments/filter", {})
+        kept: set[UUID] = set()
+        for deployment in deployments:
+            finished = {
+                "deployment_id": {"any_": [deployment["id"]]},
+                "state": {"type": {"any_": list(TERMINAL_STATES)}},
+            }
+            newest = await self._call(
+                "POST",
+                "/flow_runs/filter",
+                {
+                    "flow_runs": {**finished, "end_time": {"is_null_": False}},
+                    "sort": "END_TIME_DESC",
+                    "limit": keep,
+                },
+            )
+            candidates = [run_record(row) for row in newest]
+            if len(newest) == keep:
+                # Runs that ended at the same moment as the last one compete for its place.
+                ties = await self._all(
+                    "/flow_runs/filter",
+                    {"flow_runs": {**finished, "end_time": {"after_": newest[-1]["end_time"]}}},
+                )
+                candidates += [run_record(row) for row in ties]
+            without_end = await self._all(
+                "/flow_runs/filter", {"flow_runs": {**finished, "end_time": {"is_null_": True}}}
+            )
+            candidates += [run_record(row) for row in without_end]
+            ranked = sorted(
+                {run.id: run for run in candidates if run.is_terminal}.values(),
+                key=lambda run: (run.finished, run.id),
+                reverse=True,
+            )
+            kept.update(run.id for run in ranked[:keep])
+        return kept
+
+    def _candidate_filters(self, policy: RetentionPolicy) -> list[dict[str, Any]]:
+        """Two API filters whose union is never narrower than the policy (the API has no COALESCE)."""
+        common: dict[str, Any] = {
+            "parent_task_run_id": {"is_null_": True},
+            "state": {"type": {"any_": list(policy.states)}},
+        }
+        if policy.deployment_ids is not None:
+            common["deployment_id"] = {"any_": _ids(policy.deployment_ids)}
+        if policy.tags:
+            common["tags"] = {"any_": sorted(policy.tags)}
+        flows = {"flows": {"id": {"any_": _ids(policy.flow_ids)}}} if policy.flow_ids is not None else {}
+        return [
+            {**flows, "flow_runs": {**common, "end_time": {"before_": policy.latest_cutoff.isoformat()}}},
+            {**flows, "flow_runs": {**common, "end_time": {"is_null_": True}}},
+        ]
+
+    async def count_candidates(self, policy: RetentionPolicy) -> int:
+        counts = [
+            await self._call("POST", "/flow_runs/count", body) for body in self._candidate_filters(policy)
+        ]
+        return sum(counts)
+
+    async def candidates(self, policy: RetentionPolicy, page_size: int) -> AsyncIterator[list[RunRecord]]:
+        """All candidates are listed before the first is deleted: the API pages by offset, and
+        deleting while paging would shift the pages."""
+        runs: dict[UUID, RunRecord] = {}
+        for body in self._candidate_filters(policy):
+            for row in await self._all("/flow_runs/filter", {**body, "sort": "ID_DESC"}):
+                runs[UUID(row["id"])] = run_record(row)
+        oldest_first = sorted(runs.values(), key=lambda run: (run.finished, run.id))
+        for page in _chunks(oldest_first, page_size):
+            yield page
+
+    async def names_of(
+        self, flow_ids: Iterable[UUID], deployment_ids: Iterable[UUID]
+    ) -> tuple[dict[UUID, str], dict[UUID, str]]:
+        flow_ids, deployment_ids = list(flow_ids), list(deployment_ids)
+        flows = (
+            await self._all("/flows/filter", {"flows": {"id": {"any_": _ids(flow_ids)}}}) if flow_ids else []
+        )
+        deployments = (
+            await self._all("/deployments/filter", {"deployments": {"id": {"any_": _ids(deployment_ids)}}})
+            if deployment_ids
+            else []
+        )
+        flow_names = {UUID(row["id"]): row["name"] for row in flows}
+        missing = {UUID(row["flow_id"]) for row in deployments} - set(flow_names)
+        if missing:
+            flow_names.update((await self.names_of(missing, ()))[0])
+        return (
+            flow_names,
+            {UUID(row["id"]): f"{flow_names.get(UUID(row['flow_id']))}/{row['name']}" for row in deployments},
+        )
+
+    # One batch -------------------------------------------------------------------------
+
+    async def _runs(self, flow_runs_filter: dict[str, Any]) -> list[RunRecord]:
+        return [
+            run_record(row) for row in await self._all("/flow_runs/filter", {"flow_runs": flow_runs_filter})
+        ]
+
+    async def _trees(
+        self, root_ids: list[UUID]
+    ) -> tuple[dict[UUID, RunRecord], dict[UUID, list[UUID]], dict[UUID, int]]:
+        """The roots and their subflows as they read now; members per root; depth per run."""
+        current = {run.id: run for run in await self._runs({"id": {"any_": _ids(root_ids)}})}
+        root_of = {root_id: root_id for root_id in root_ids}
+        depth = dict.fromkeys(root_ids, 0)
+        members_of: dict[UUID, list[UUID]] = {}
+        parents = [root_id for root_id in root_ids if root_id in current]
+        level = 0
+        while parents:
+            level += 1
+            children = []
+            for chunk in _chunks(parents, PAGE_SIZE):
+                children += await self._runs({"parent_flow_run_id": {"any_": _ids(chunk)}})
+            if not children:
+                break
+            task_runs = {}
+            for chunk in _chunks(sorted({child.parent_task_run_id for child in children}), PAGE_SIZE):
+                for row in await self._all("/task_runs/filter", {"task_runs": {"id": {"any_": _ids(chunk)}}}):
+                    task_runs[UUID(row["id"])] = UUID(row["flow_run_id"])
+            parents = []
+            for child in children:
+                root_id = root_of[task_runs[child.parent_task_run_id]]
+                root_of[child.id] = root_id
+                depth[child.id] = level
+                members_of.setdefault(root_id, []).append(child.id)
+                current[child.id] = child
+                parents.append(child.id)
+        return current, members_of, depth
+
+    async def process_batch(
+        self, roots: list[RunRecord], policy: RetentionPolicy, dry_run: bool
+    ) -> BatchOutcome:
+        started = perf_counter()
+        root_ids = [run.id for run in roots]
+        current, members_of, depth = await self._trees(root_ids)
+        verdict = judge_trees(root_ids, members_of, current, policy)
+        accepted_ids = [run.id for run in verdict.accepted]
+        if not accepted_ids:
+            return BatchOutcome(left=verdict.left, seconds=perf_counter() - started)
+        if dry_run:
+            artifacts = await self._count(
+                "/artifacts/count", {"artifacts": {"flow_run_id": {"any_": _ids(accepted_ids)}}}
+            )
+            rows = {"flow_run": len(accepted_ids), "artifact": artifacts}
+            return BatchOutcome(
+                runs=verdict.accepted, rows=rows, left=verdict.left, seconds=perf_counter() - started
+            )
+        root_of = {member: root for root, members in members_of.items() for member in members}
+        root_of.update((root_id, root_id) for root_id in root_ids)
+        deleted, broken = await self._delete_deepest_first(accepted_ids, depth, root_of)
+        rows = {"flow_run": len(deleted), "artifact": await self._delete_artifacts(deleted)}
+        return BatchOutcome(
+            runs=[run for run in verdict.accepted if run.id in deleted],
+            rows=rows,
+            left=verdict.left + Counter({CHANGED: len(broken)}),
+            seconds=perf_counter() - started,
+        )
+
+    async def _count(self, path: str, body: dict[str, Any]) -> int:
+        return int(await self._call("POST", path, body))
+
+    async def _delete_deepest_first(
+        self, ids: list[UUID], depth: dict[UUID, int], root_of: dict[UUID, UUID]
+    ) -> tuple[set[UUID], set[UUID]]:
+        """Delete level by level from the deepest; a tree whose run could not be deleted stops there."""
+        deleted: set[UUID] = set()
+        broken: set[UUID] = set()
+        for level in sorted({depth[run_id] for run_id in ids}, reverse=True):
+            wanted = [run_id for run_id in ids if depth[run_id] == level and root_of[run_id] not in broken]
+            for done in await self._gather(self._delete_runs(chunk) for chunk in _chunks(wanted, BULK_LIMIT)):
+                deleted |= done
+            broken |= {root_of[run_id] for run_id in wanted if run_id not in deleted}
+        return deleted, broken
+
+    async def _delete_runs(self, ids: list[UUID]) -> set[UUID]:
+        if self._bulk_delete_exists:
+            body = {
+                "flow_runs": {"id": {"any_": _ids(ids)}, "state": {"type": {"any_": list(TERMINAL_STATES)}}},
+                "limit": BULK_LIMIT,
+            }
+            try:
+                answer = await self._call("POST", "/flow_runs/bulk_delete", body)
+                return {UUID(run_id) for run_id in answer["deleted"]}
+            except PrefectApiError as error:
+                if error.status_code not in NO_SUCH_ROUTE:
+                    raise
+                self._bulk_delete_exists = False
+        done = await self._gather(self._delete_one(run_id) for run_id in ids)
+        return {run_id for run_id, gone in zip(ids, done, strict=True) if gone}
+
+    async def _delete_one(self, run_id: UUID) -> bool:
+        try:
+            await self._call("DELETE", f"/flow_runs/{run_id}")
+            return True
+        except PrefectApiError as error:
+            if error.status_code == 404:
+                return False
+            raise
+
+    async def _delete_artifacts(self, flow_run_ids: Iterable[UUID]) -> int:
+        """Delete the runs' artifacts; those sharing a key one after another, since the server
+        re-points the key's collection on each delete and two at once could point it at the other."""
+        by_key: dict[str, list[str]] = {}
+        for chunk in _chunks(list(flow_run_ids), PAGE_SIZE):
+            for row in await self._all(
+                "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": _ids(chunk)}}}
+            ):
+                by_key.setdefault(row["key"] or row["id"], []).append(row["id"])
+        await self._gather(self._delete_in_turn(artifact_ids) for artifact_ids in by_key.values())
+        return sum(len(artifact_ids) for artifact_ids in by_key.values())
+
+    async def _delete_in_turn(self, artifact_ids: list[str]) -> None:
+        for artifact_id in artifact_ids:
+            await self._delete_artifact(artifact_id)
+
+    async def _delete_artifact(self, artifact_id: str) -> None:
+        try:
+            await self._call("DELETE", f"/artifacts/{artifact_id}")
+        except PrefectApiError as error:
+            if error.status_code != 404:
+                raise

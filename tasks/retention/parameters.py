@@ -1,0 +1,109 @@
+"""The retention flow's parameters, validated once before anything is read or deleted.
+
+The flow's signature carries the types the Prefect UI needs to render its form; this
+model carries the rules (ranges, known names, combinations). A bad value raises
+`RetentionParameterError` whose message starts with the parameter's name.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TerminalState = Literal["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+TERMINAL_STATES: tuple[str, ...] = get_args(TerminalState)
+EngineChoice = Literal["auto", "api", "sql"]
+
+# Anything younger could still be a run that is being written; one hour is also the
+# floor Prefect's own `db_vacuum` retention setting accepts.
+MINIMUM_AGE_DAYS = 1 / 24
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+
+
+class RetentionParameterError(ValueError):
+    """A parameter the retention flow cannot accept; the message names it."""
+
+
+class RetentionParameters(BaseModel):
+    """What one retention run should delete, and how fast."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    older_than_days: float = 30.0
+    states: tuple[TerminalState, ...] = TERMINAL_STATES
+    per_state_days: dict[TerminalState, float] = Field(default_factory=dict)
+    keep_last_per_deployment: int = Field(default=0, ge=0)
+    deployment_names: tuple[str, ...] = ()
+    flow_names: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    exclude_tags: tuple[str, ...] = ()
+    dry_run: bool = False
+    engine: EngineChoice = "auto"
+    batch_size: int = Field(default=1_000, ge=1, le=10_000)
+    max_runs_per_second: float | None = Field(default=None, ge=0)
+    max_minutes: float | None = Field(default=60.0, gt=0)
+    include_orphans: bool = False
+    events_older_than_days: float | None = 7.0
+    heartbeat_events_older_than_days: float | None = 1.0
+    vacuum: bool = True
+
+    @field_validator("older_than_days", "events_older_than_days", "heartbeat_events_older_than_days")
+    @classmethod
+    def _more_than_an_hour(cls, days: float | None) -> float | None:
+        if days is not None and not days > MINIMUM_AGE_DAYS:
+            raise ValueError(f"must be more than one hour ({MINIMUM_AGE_DAYS:.4f} days), got {days}")
+        return days
+
+    @field_validator("per_state_days")
+    @classmethod
+    def _each_more_than_an_hour(cls, days_per_state: dict[str, float]) -> dict[str, float]:
+        for state, days in days_per_state.items():
+            if not days > MINIMUM_AGE_DAYS:
+                raise ValueError(
+                    f"{state} must be more than one hour ({MINIMUM_AGE_DAYS:.4f} days), got {days}"
+                )
+        return days_per_state
+
+    @field_validator("states")
+    @classmethod
+    def _some_states(cls, states: tuple[str, ...]) -> tuple[str, ...]:
+        if not states:
+            raise ValueError("name at least one terminal state")
+        return tuple(dict.fromkeys(states))
+
+    @field_validator("deployment_names")
+    @classmethod
+    def _flow_slash_deployment(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            flow_name, slash, deployment_name = name.partition("/")
+            if not (flow_name and slash and deployment_name):
+                raise ValueError(f"{name!r} is not of the form 'flow-name/deployment-name'")
+        return names
+
+    def days_for(self, state: str) -> float:
+        return self.per_state_days.get(state, self.older_than_days)
+
+    @classmethod
+    def parse(cls, **values: object) -> RetentionParameters:
+        """Validate flow arguments (None means the default); raise a message naming the parameter."""
+        given = {name: value for name, value in values.items() if value is not None}
+        for name in ("max_minutes", "events_older_than_days", "heartbeat_events_older_than_days"):
+            # For these, None is a real choice (no limit / leave events alone), not "default".
+            if name in values and values[name] is None:
+                given[name] = None
+        try:
+            return cls.model_validate(given)
+        except ValidationError as error:
+            raise RetentionParameterError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        detail = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            detail = "is not a retention parameter"
+        problems.append(f"{name}: {detail}")
+    return "invalid retention parameters: " + "; ".join(problems)

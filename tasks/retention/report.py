@@ -1,0 +1,240 @@
+"""What a retention run did (or, in a dry run, would do): totals, breakdowns, the report.
+
+Engines return one `BatchOutcome` per batch; `RetentionTotals` adds them up; at the end
+`RetentionReport` is built from the totals with names resolved, returned by the flow and
+published as artifacts under the key `retention-report`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel
+
+from tasks.reports import markdown_table, publish_markdown, publish_table
+from tasks.retention.policy import RunRecord
+
+REPORT_KEY = "retention-report"
+SAMPLE_SIZE = 20
+BREAKDOWN_ROWS = 25
+NO_DEPLOYMENT = "(no deployment)"
+
+StoppedReason = Literal["finished", "max_minutes", "failed"]
+
+
+@dataclass
+class BatchOutcome:
+    """One batch: the flow runs deleted (or that would be), rows per table, runs left and why."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    left: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+@dataclass
+class RetentionTotals:
+    """Running totals over all batches."""
+
+    batches: int = 0
+    flow_runs: int = 0
+    rows: Counter[str] = field(default_factory=Counter)
+    left: Counter[str] = field(default_factory=Counter)
+    # (flow id, deployment id, state type) -> flow runs
+    groups: Counter[tuple[UUID, UUID | None, str]] = field(default_factory=Counter)
+    sample: list[RunRecord] = field(default_factory=list)
+
+    def add(self, outcome: BatchOutcome) -> None:
+        self.batches += 1
+        self.flow_runs += len(outcome.runs)
+        self.rows.update(outcome.rows)
+        self.left.update(outcome.left)
+        self.groups.update((run.flow_id, run.deployment_id, run.state_type or "") for run in outcome.runs)
+        self.sample.extend(outcome.runs[: SAMPLE_SIZE - len(self.sample)])
+
+    @property
+    def flow_ids(self) -> set[UUID]:
+        return {flow_id for flow_id, _, _ in self.groups} | {run.flow_id for run in self.sample}
+
+    @property
+    def deployment_ids(self) -> set[UUID]:
+        ids = {deployment_id for _, deployment_id, _ in self.groups}
+        ids |= {run.deployment_id for run in self.sample}
+        return {deployment_id for deployment_id in ids if deployment_id is not None}
+
+
+class RunSample(BaseModel):
+    id: UUID
+    name: str
+    state: str | None
+    flow: str
+    deployment: str
+    finished: datetime | None
+
+
+class RetentionReport(BaseModel):
+    """The retention flow's result. In a dry run every count is what a real run would delete."""
+
+    engine: Literal["sql", "api"]
+    dry_run: bool
+    database: str
+    days_per_state: dict[str, float]
+    flow_runs_deleted: int
+    rows_deleted: dict[str, int]
+    orphan_rows_deleted: dict[str, int]
+    event_rows_deleted: dict[str, int]
+    by_state: dict[str, int]
+    by_deployment: dict[str, int]
+    by_flow: dict[str, int]
+    sample: list[RunSample]
+    left: dict[str, int]
+    remaining: int
+    stopped_reason: StoppedReason
+    batches: int
+    seconds: float
+    runs_per_second: float
+    max_runs_per_second: float
+    slowdowns: int
+    vacuumed_tables: list[str]
+    notes: list[str]
+
+    @classmethod
+    def build(
+        cls,
+        totals: RetentionTotals,
+        *,
+        flow_names: dict[UUID, str],
+        deployment_names: dict[UUID, str],
+        **fields,
+    ) -> RetentionReport:
+        def flow_name(flow_id: UUID) -> str:
+            return flow_names.get(flow_id, f"(deleted flow {flow_id})")
+
+        def deployment_name(deployment_id: UUID | None) -> str:
+            if deployment_id is None:
+                return NO_DEPLOYMENT
+            return deployment_names.get(deployment_id, f"(deleted deployment {deployment_id})")
+
+        by_state: Counter[str] = Counter()
+        by_deployment: Counter[str] = Counter()
+        by_flow: Counter[str] = Counter()
+        for (flow_id, deployment_id, state), count in totals.groups.items():
+            by_state[state] += count
+            by_deployment[deployment_name(deployment_id)] += count
+            by_flow[flow_name(flow_id)] += count
+        seconds = fields.pop("seconds")
+        for name in ("orphan_rows_deleted", "event_rows_deleted"):
+            fields[name] = _counted(fields[name])
+        return cls(
+            flow_runs_deleted=totals.flow_runs,
+            rows_deleted=_counted(totals.rows),
+            by_state=dict(by_state.most_common()),
+            by_deployment=dict(by_deployment.most_common()),
+            by_flow=dict(by_flow.most_common()),
+            sample=[
+                RunSample(
+                    id=run.id,
+                    name=run.name,
+                    state=run.state_type,
+                    flow=flow_name(run.flow_id),
+                    deployment=deployment_name(run.deployment_id),
+                    finished=run.finished,
+                )
+                for run in totals.sample
+            ],
+            left=dict(totals.left.most_common()),
+            batches=totals.batches,
+            seconds=round(seconds, 3),
+            runs_per_second=round(totals.flow_runs / seconds, 1) if seconds > 0 else 0.0,
+            **fields,
+        )
+
+    def breakdown_rows(self) -> list[dict[str, object]]:
+        """One row per deployment, flow and state: the table artifact."""
+        return [
+            {"breakdown": kind, "name": name, "flow_runs": count}
+            for kind, counts in (
+                ("state", self.by_state),
+                ("deployment", self.by_deployment),
+                ("flow", self.by_flow),
+            )
+            for name, count in counts.items()
+        ]
+
+    def to_markdown(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        title = "Retention dry run" if self.dry_run else "Retention"
+        lines = [
+            f"# {title}: {verb} {self.flow_runs_deleted:,} flow runs",
+            "",
+            f"- engine: **{self.engine}** ({self.database})",
+            f"- ages: {', '.join(f'{state} {days:g} days' for state, days in self.days_per_state.items())}",
+            f"- {self.batches:,} batches in {self.seconds:,.1f} s "
+            f"({self.runs_per_second:,.1f} runs/s; limit "
+            f"{f'{self.max_runs_per_second:g} runs/s' if self.max_runs_per_second else 'none'}"
+            f"{f', slowed down {self.slowdowns} times' if self.slowdowns else ''})",
+            f"- stopped: **{self.stopped_reason}**"
+            + (f", {self.remaining:,} expired top-level runs remain" if self.remaining else ""),
+        ]
+        if self.vacuumed_tables:
+            lines.append(f"- maintained afterwards (VACUUM/ANALYZE): {', '.join(self.vacuumed_tables)}")
+        tables = [
+            (f"Rows {verb} with the runs", self.rows_deleted),
+            ("Orphaned rows deleted", self.orphan_rows_deleted),
+            (f"Events {verb}", self.event_rows_deleted),
+        ]
+        for heading, rows in tables:
+            if rows:
+                lines += ["", f"## {heading}", "", markdown_table(["table", "rows"], rows.items())]
+        for heading, counts in (
+            ("Per state", self.by_state),
+            ("Per deployment", self.by_deployment),
+            ("Per flow", self.by_flow),
+        ):
+            if counts:
+                shown = list(counts.items())[:BREAKDOWN_ROWS]
+                more = len(counts) - len(shown)
+                lines += ["", f"## {heading}", "", markdown_table(["name", "flow runs"], shown)]
+                if more > 0:
+                    lines.append(f"\n… and {more} more")
+        if self.left:
+            lines += [
+                "",
+                "## Selected but left in place",
+                "",
+                markdown_table(["reason", "top-level runs"], self.left.items()),
+            ]
+        if self.sample:
+            lines += [
+                "",
+                f"## Sample of {len(self.sample)} flow runs {verb}",
+                "",
+                markdown_table(
+                    ["name", "id", "state", "flow", "deployment", "finished"],
+                    (
+                        (run.name, run.id, run.state, run.flow, run.deployment, run.finished)
+                        for run in self.sample
+                    ),
+                ),
+            ]
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    async def publish(self) -> None:
+        """Table first, markdown last: the key's latest artifact is the readable report."""
+        description = "Retention dry run" if self.dry_run else "Retention"
+        await publish_table(
+            REPORT_KEY, self.breakdown_rows(), f"{description}: flow runs per state, deployment, flow"
+        )
+        await publish_markdown(REPORT_KEY, self.to_markdown(), description)
+
+
+def _counted(rows: Mapping[str, int]) -> dict[str, int]:
+    """Tables with rows, sorted by name."""
+    return {table: count for table, count in sorted(rows.items()) if count}

@@ -1,0 +1,123 @@
+"""Selection: which engine, which policy, and the expired top-level runs batch by batch.
+
+`open_engine` picks the SQL engine when a database URL is configured and reachable (or
+when asked for), else the API engine. `build_policy` resolves names and the runs kept by
+`keep_last_per_deployment` once, read-only. `expired_batches` streams candidate runs from
+the engine and keeps those the policy selects. `count_expired_runs` is a dry run that only
+counts, for the health report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tasks.database import is_reachable
+from tasks.retention.api_engine import ApiEngine
+from tasks.retention.parameters import RetentionParameterError, RetentionParameters
+from tasks.retention.policy import RetentionPolicy, RunRecord
+from tasks.retention.rate_limit import Throttle
+from tasks.retention.sql_engine import SqlEngine
+from tasks.settings import describe_database_url, get_settings
+
+# Candidates read per query; batches are cut from them.
+CANDIDATE_PAGE = 5_000
+
+Engine = SqlEngine | ApiEngine
+
+
+@asynccontextmanager
+async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Engine]:
+    """The engine for `choice` ("auto", "sql" or "api"), closed on exit."""
+    settings = get_settings()
+    url = settings.database_url
+    if choice == "sql" or (choice == "auto" and await is_reachable(url)):
+        if url is None:
+            raise RetentionParameterError(
+                "engine: 'sql' needs database access, and no database URL is configured "
+                "(MAINTENANCE_DATABASE_URL or PREFECT_API_DATABASE_CONNECTION_URL)"
+            )
+        if choice == "sql" and not await is_reachable(url):
+            raise RetentionParameterError(
+                f"engine: 'sql' but the {describe_database_url(url)} is not reachable"
+            )
+        engine = SqlEngine(url)
+        try:
+            yield engine
+        finally:
+            await engine.close()
+        return
+    async with ApiEngine.open(throttle, settings.api_concurrency) as engine:
+        yield engine
+
+
+async def build_policy(
+    engine: Engine, parameters: RetentionParameters, now: datetime | None = None
+) -> RetentionPolicy:
+    """The parameters resolved against what exists now; unknown names fail, naming the parameter."""
+    deployment_ids = flow_ids = None
+    if parameters.deployment_names:
+        found = await engine.deployments_named(parameters.deployment_names)
+        _require_all("deployment_names", parameters.deployment_names, found)
+        deployment_ids = found.values()
+    if parameters.flow_names:
+        found = await engine.flows_named(parameters.flow_names)
+        _require_all("flow_names", parameters.flow_names, found)
+        flow_ids = found.values()
+    kept_newest = (
+        await engine.newest_per_deployment(parameters.keep_last_per_deployment)
+        if parameters.keep_last_per_deployment
+        else ()
+    )
+    return RetentionPolicy.from_parameters(
+        parameters,
+        now or datetime.now(UTC),
+        deployment_ids=deployment_ids,
+        flow_ids=flow_ids,
+        kept_newest=kept_newest,
+    )
+
+
+def _require_all(parameter: str, names: tuple[str, ...], found: dict[str, object]) -> None:
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise RetentionParameterError(f"{parameter}: nothing is named {', '.join(map(repr, missing))}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Expired top-level runs, and how many candidates had been read when it was cut."""
+
+    runs: list[RunRecord]
+    candidates_read: int
+
+
+async def expired_batches(engine: Engine, policy: RetentionPolicy, batch_size: int) -> AsyncIterator[Batch]:
+    """Batches of `batch_size` top-level runs that the policy selects, oldest first."""
+    pending: list[RunRecord] = []
+    read = 0
+    async for page in engine.candidates(policy, max(batch_size, CANDIDATE_PAGE)):
+        read += len(page)
+        pending += [run for run in page if policy.selects(run)]
+        while len(pending) >= batch_size:
+            yield Batch(pending[:batch_size], read)
+            pending = pending[batch_size:]
+    if pending:
+        yield Batch(pending, read)
+
+
+async def count_expired_runs(parameters: RetentionParameters | None = None) -> int:
+    """How many flow runs (subflows included) retention with these parameters would delete now.
+
+    Read-only; uses the database when one is configured and reachable, else the API.
+    With no parameters, the flow's defaults.
+    """
+    parameters = parameters or RetentionParameters()
+    async with open_engine(parameters.engine, Throttle(0)) as engine:
+        policy = await build_policy(engine, parameters)
+        total = 0
+        async for batch in expired_batches(engine, policy, parameters.batch_size):
+            total += len((await engine.process_batch(batch.runs, policy, dry_run=True)).runs)
+        return total

@@ -1,0 +1,572 @@
+"""The retention flow on a real Prefect server and PostgreSQL, with a messy seeded history.
+
+The story of a platform team: a dry run first, whose count the real purge then matches;
+every rule deletes what it says and nothing else; whole subflow trees go or stay; nothing
+they owned is left behind; a second run finds nothing; both engines agree. Then what can
+go wrong: a run that comes back to life mid-purge, a database connection killed inside a
+batch, two purges at once, a time budget running out, bad parameters.
+
+All tests share one isolated server (whole-database counts stay meaningful); the first
+ones only read the seeded history, the story then purges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from conftest import serving
+from prefect import flow
+from prefect.client.schemas.objects import StateType
+from prefect.states import Scheduled
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from flows.retention import retention
+from localstack.seed import MessyHistory, seed_messy_history
+from tasks.database import connect
+from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.retention.api_engine import ATTEMPTS, ApiEngine
+from tasks.retention.parameters import RetentionParameters
+from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord
+from tasks.retention.purge import purge_expired_runs
+from tasks.retention.rate_limit import Throttle
+from tasks.retention.report import REPORT_KEY
+from tasks.retention.selection import build_policy, count_expired_runs, expired_batches, open_engine
+from tasks.retention.sql_engine import ADVISORY_LOCK_KEY, RetentionAlreadyRunning
+from tasks.settings import get_settings
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
+
+# No pacing, no events or vacuum, unless a test is about them: the tests are about what goes.
+QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
+
+
+@pytest.fixture(scope="module")
+def retention_server(module_server_factory):
+    return module_server_factory()
+
+
+@pytest.fixture
+def on_retention_server(retention_server):
+    with serving(retention_server) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def history(retention_server) -> MessyHistory:
+    with serving(retention_server):
+        return await seed_messy_history(retention_server.database_url, prefix="purge")
+
+
+async def rows(sql: str, **values) -> list[sa.Row]:
+    async with connect() as connection:
+        return list(await connection.execute(sa.text(sql), values))
+
+
+async def scalar(sql: str, **values):
+    return (await rows(sql, **values))[0][0]
+
+
+async def existing(run_ids) -> set[uuid.UUID]:
+    found = await rows("SELECT id FROM flow_run WHERE id = ANY(:ids)", ids=list(run_ids))
+    return {row.id for row in found}
+
+
+async def owned_rows(run_ids) -> dict[str, int]:
+    """What these runs own, per table."""
+    ids = list(run_ids)
+    counts = {}
+    for table, owner in (("task_run", "flow_run_id"), ("log", "flow_run_id"), ("artifact", "flow_run_id")):
+        counts[table] = await scalar(f"SELECT count(*) FROM {table} WHERE {owner} = ANY(:ids)", ids=ids)
+    counts["flow_run_state"] = await scalar(
+        "SELECT count(*) FROM flow_run_state WHERE flow_run_id = ANY(:ids)", ids=ids
+    )
+    return counts
+
+
+async def orphans() -> dict[str, int]:
+    """Rows whose owner is gone, in every table a flow run owns."""
+    checks = {
+        "log": "SELECT count(*) FROM log l WHERE l.flow_run_id IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = l.flow_run_id)",
+        "artifact": "SELECT count(*) FROM artifact a WHERE a.flow_run_id IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = a.flow_run_id)",
+        "artifact_collection": "SELECT count(*) FROM artifact_collection c "
+        "WHERE NOT EXISTS (SELECT 1 FROM artifact a WHERE a.id = c.latest_id)",
+        "task_run_state_cache": "SELECT count(*) FROM task_run_state_cache c "
+        "WHERE NOT EXISTS (SELECT 1 FROM task_run_state s WHERE s.id = c.task_run_state_id)",
+        "task_run": "SELECT count(*) FROM task_run t "
+        "WHERE NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = t.flow_run_id)",
+    }
+    return {table: await scalar(sql) for table, sql in checks.items()}
+
+
+async def would_delete(engine: str, **values) -> set[uuid.UUID]:
+    """The flow runs a dry run with these parameters counts, through the flow's own selection."""
+    parameters = RetentionParameters(engine=engine, **values)
+    async with open_engine(engine, Throttle(0)) as chosen:
+        policy = await build_policy(chosen, parameters)
+        ids = set()
+        async for batch in expired_batches(chosen, policy, parameters.batch_size):
+            ids |= {run.id for run in (await chosen.process_batch(batch.runs, policy, dry_run=True)).runs}
+    return ids
+
+
+async def old_runs(count: int, flow_name: str, *, days: float = 90, logs: int = 2) -> list[uuid.UUID]:
+    """Finished runs `days` old, each with a few logs."""
+    async with prefect_client() as client:
+        flow_id = await client.create_flow_from_name(flow_name)
+        ids = []
+        for _ in range(count):
+            created = await call(
+                client,
+                "POST",
+                "/flow_runs/",
+                json={"flow_id": str(flow_id), "state": {"type": "COMPLETED", "name": "Completed"}},
+            )
+            ids.append(uuid.UUID(created["id"]))
+        now = datetime.now(UTC).isoformat()
+        await call(
+            client,
+            "POST",
+            "/logs/",
+            json=[
+                {"name": "test", "level": 20, "message": "line", "timestamp": now, "flow_run_id": str(run_id)}
+                for run_id in ids
+                for _ in range(logs)
+            ],
+        )
+    async with connect() as connection:
+        await connection.execute(
+            sa.text(
+                "UPDATE flow_run SET end_time = end_time - make_interval(days => :days), "
+                "state_timestamp = state_timestamp - make_interval(days => :days) WHERE id = ANY(:ids)"
+            ),
+            {"days": days, "ids": ids},
+        )
+        await connection.commit()
+    return ids
+
+
+def old_root(history: MessyHistory, deployment: int, index: int) -> uuid.UUID:
+    """The seeder's old run number `index` of its deployment number `deployment` (4 per deployment)."""
+    return history.old_finished[deployment * 4 + index]
+
+
+async def expected_by_default(history: MessyHistory) -> set[uuid.UUID]:
+    return set(history.old_finished) | set(history.terminal_without_end_time)
+
+
+async def test_every_rule_selects_what_it_says_and_both_engines_agree(on_retention_server, history):
+    everything = await expected_by_default(history)
+    keep_tagged = old_root(history, 0, 0)
+    tree = set(history.old_finished) - {old_root(history, d, i) for d in range(3) for i in range(4)}
+    failed_roots = set(history.old_finished_by_state["FAILED"]) - set(history.old_subflows)
+    young_failed = failed_roots - await older_than(failed_roots, 100)
+    assert 0 < len(young_failed) < len(failed_roots)
+    crashed = set(history.old_finished_by_state["CRASHED"]) | {history.terminal_without_end_time[1]}
+    cases = [
+        ({}, everything),
+        ({"exclude_tags": ["purge-keep"]}, everything - {keep_tagged}),
+        ({"per_state_days": {"FAILED": 100}}, everything - young_failed),
+        ({"states": ["CRASHED"]}, crashed),
+        # The newest two finished runs of each deployment are its recent run and its old run number 0.
+        ({"keep_last_per_deployment": 2}, everything - {old_root(history, d, 0) for d in range(3)}),
+        ({"deployment_names": ["purge-etl/hourly"]}, {old_root(history, 1, i) for i in range(4)}),
+        ({"flow_names": ["purge-adhoc"]}, tree | set(history.terminal_without_end_time)),
+        ({"tags": ["purge-team-b"]}, {old_root(history, 1, i) for i in range(4)} | tree),
+        ({"older_than_days": 100}, await older_than(everything, 100)),
+    ]
+    for values, expected in cases:
+        assert await would_delete("sql", **values) == expected, values
+        assert await would_delete("api", **values) == expected, values
+
+    # What no rule ever selects: runs not finished, in unfinished trees, or in an unknown state.
+    never = (
+        set(history.unknown_state)
+        | {history.old_finished_parent, *history.running_subflow_under_finished_parent}
+        | {history.cancelled_parent, *history.cancelling_subflows}
+        | set(history.late + history.zombie_running + history.stuck_pending + history.null_state_timestamp)
+    )
+    assert not never & await would_delete("sql", older_than_days=0.05)
+
+
+async def older_than(run_ids, days: float) -> set[uuid.UUID]:
+    found = await rows(
+        "SELECT id FROM flow_run WHERE id = ANY(:ids) "
+        "AND coalesce(end_time, state_timestamp) < now() - make_interval(days => :days)",
+        ids=list(run_ids),
+        days=days,
+    )
+    return {row.id for row in found}
+
+
+async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_retention_server, history):
+    expected = await expected_by_default(history) - {old_root(history, 0, 0)}
+    seeded = seeded_flow_runs(history)
+    before = await owned_rows(seeded)
+
+    dry = await retention(dry_run=True, engine="sql", exclude_tags=["purge-keep"], **QUICK)
+    assert dry.flow_runs_deleted == len(expected) == 16
+    assert dry.by_deployment == {
+        "(no deployment)": 5,
+        "purge-etl/hourly": 4,
+        "purge-report/daily": 4,
+        "purge-etl/nightly": 3,
+    }
+    assert dry.by_flow == {"purge-etl": 7, "purge-adhoc": 5, "purge-report": 4}
+    assert sum(dry.by_state.values()) == 16
+    assert dry.left == {"a run in its tree is not finished": 1}
+    assert await count_expired_runs(RetentionParameters(exclude_tags=("purge-keep",))) == 16
+    assert await existing(seeded) == seeded and await owned_rows(seeded) == before, (
+        "a dry run changes nothing"
+    )
+
+    state = await retention(engine="sql", exclude_tags=["purge-keep"], **QUICK, return_state=True)
+    report = await state.result()
+    assert report.flow_runs_deleted == dry.flow_runs_deleted
+    assert {table: report.rows_deleted[table] for table in dry.rows_deleted} == dry.rows_deleted
+    assert report.rows_deleted["task_run_state_cache"] == 3
+    assert report.rows_deleted["artifact_collection"] == 2
+    assert report.rows_deleted["artifact_collection re-pointed"] == 1
+    assert await existing(seeded) == seeded - expected
+    assert await owned_rows(expected) == {"task_run": 0, "log": 0, "artifact": 0, "flow_run_state": 0}
+    assert await orphans() == dict.fromkeys(await orphans(), 0)
+    # The running subflow under the old failed parent still has its parent: no fake top-level run.
+    assert await scalar(
+        "SELECT parent_task_run_id IS NOT NULL FROM flow_run WHERE id = :id",
+        id=history.running_subflow_under_finished_parent[0],
+    )
+    # The keep-tagged run's collection now points at it: the next newest artifact of its key.
+    latest = await scalar(
+        "SELECT a.flow_run_id FROM artifact_collection c JOIN artifact a ON a.id = c.latest_id WHERE c.key = :key",
+        key=history.keyed_artifact_keys[0],
+    )
+    assert latest == old_root(history, 0, 0)
+
+    async with prefect_client() as client:
+        artifacts = await call(
+            client,
+            "POST",
+            "/artifacts/filter",
+            json={"artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}},
+        )
+    published = {(artifact["key"], artifact["type"]) for artifact in artifacts}
+    assert {(REPORT_KEY, "markdown"), (REPORT_KEY, "table"), (None, "progress")} <= published
+    markdown = next(artifact["data"] for artifact in artifacts if artifact["type"] == "markdown")
+    assert "deleted 16 flow runs" in markdown and "purge-etl/hourly" in markdown
+
+    again = await retention(engine="sql", exclude_tags=["purge-keep"], **QUICK)
+    assert again.flow_runs_deleted == 0
+
+
+def seeded_flow_runs(history: MessyHistory) -> set[uuid.UUID]:
+    task_run_fields = {"open_task_runs_in_finished_flow"}
+    seeded = set()
+    for name in history.counts():
+        if name not in task_run_fields:
+            value = getattr(history, name)
+            seeded |= set(value) if isinstance(value, list) else {value}
+    return seeded
+
+
+async def test_the_api_engine_purges_the_same_way(on_retention_server):
+    history = await seed_messy_history(on_retention_server.database_url, prefix="api", poison_pill=False)
+    expected = await expected_by_default(history)
+    # The previous story kept its excluded run; this one is about the new history only.
+    scope = {**QUICK, "exclude_tags": ["purge-keep"]}
+    dry = await retention(dry_run=True, engine="api", **scope)
+    assert dry.engine == "api" and dry.flow_runs_deleted == len(expected) == 17
+    report = await retention(engine="api", **scope)
+    assert report.flow_runs_deleted == len(expected)
+    assert report.rows_deleted == {"artifact": 13, "flow_run": 17} == dry.rows_deleted
+    assert any("background" in note for note in report.notes)
+    assert not await existing(expected)
+    assert await existing(history.recent_finished) == set(history.recent_finished)
+    assert (
+        await scalar("SELECT count(*) FROM artifact WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
+    )
+    # The server re-pointed or removed the collections of the deleted artifacts...
+    assert (await orphans())["artifact_collection"] == 0
+    # ...and deletes the runs' logs itself, in the background.
+    for _ in range(600):
+        if not await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)):
+            break
+        await asyncio.sleep(0.1)
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
+    assert (await retention(engine="api", **scope)).flow_runs_deleted == 0
+
+
+async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
+    gone = uuid.uuid4()
+    async with connect() as connection:
+        await connection.execute(
+            sa.text(
+                "INSERT INTO log (id, name, level, flow_run_id, message, timestamp) "
+                "SELECT gen_random_uuid(), 'x', 20, :gone, 'orphan', now() FROM generate_series(1, 7)"
+            ),
+            {"gone": gone},
+        )
+        artifact = uuid.uuid4()
+        await connection.execute(
+            sa.text(
+                "INSERT INTO artifact (id, key, type, flow_run_id) VALUES (:id, 'orphan-key', 'markdown', :gone)"
+            ),
+            {"id": artifact, "gone": gone},
+        )
+        await connection.execute(
+            sa.text(
+                "INSERT INTO artifact_collection (id, key, latest_id) VALUES (gen_random_uuid(), 'orphan-key', :id)"
+            ),
+            {"id": artifact},
+        )
+        await connection.execute(
+            sa.text(
+                "INSERT INTO task_run_state_cache (id, cache_key, task_run_state_id) "
+                "VALUES (gen_random_uuid(), 'orphan-cache', gen_random_uuid())"
+            )
+        )
+        for event, days in (
+            ("prefect.flow-run.heartbeat", 2),
+            ("prefect.flow-run.Completed", 2),
+            ("prefect.flow-run.Completed", 10),
+        ):
+            event_id = uuid.uuid4()
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO events (id, occurred, event, resource_id, resource, payload, received, recorded) "
+                    "VALUES (:id, now() - make_interval(days => :days), :event, 'prefect.flow-run.x', '{}', '{}', now(), now())"
+                ),
+                {"id": event_id, "days": days, "event": event},
+            )
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO event_resources (id, occurred, resource_id, resource_role, resource, event_id) "
+                    "VALUES (gen_random_uuid(), now() - make_interval(days => :days), 'prefect.flow-run.x', '', '{}', :id)"
+                ),
+                {"id": event_id, "days": days},
+            )
+        await connection.commit()
+    inserted_events = "SELECT count(*) FROM events WHERE resource_id = 'prefect.flow-run.x'"
+    # Besides these, the cache rows of the runs the API engine deleted: the API cannot delete them.
+    found = await orphans()
+    assert found["log"] == 7 and found["artifact"] == 1 and found["task_run_state_cache"] >= 1
+
+    options = {"engine": "sql", "include_orphans": True, "max_runs_per_second": 0, "vacuum": True}
+    dry = await retention(dry_run=True, **options)
+    assert dry.orphan_rows_deleted == {table: count for table, count in sorted(found.items()) if count}
+    assert dry.event_rows_deleted == {"event_resources": 2, "events": 2}
+    assert await scalar(inserted_events) == 3
+    assert await orphans() == found
+
+    report = await retention(**options)
+    assert report.orphan_rows_deleted == {**dry.orphan_rows_deleted, "artifact_collection": 1}
+    assert report.event_rows_deleted == {"event_resources": 2, "events": 2}
+    assert {"log", "artifact", "artifact_collection", "events", "event_resources"} <= set(
+        report.vacuumed_tables
+    )
+    assert await orphans() == dict.fromkeys(await orphans(), 0)
+    remaining = await rows(
+        "SELECT event, occurred > now() - interval '3 days' AS young FROM events WHERE resource_id = 'prefect.flow-run.x'"
+    )
+    assert [(row.event, row.young) for row in remaining] == [("prefect.flow-run.Completed", True)]
+
+
+@pytest.mark.parametrize("engine", ["sql", "api"])
+async def test_a_run_that_comes_back_to_life_between_selection_and_deletion_is_not_deleted(
+    on_retention_server, engine
+):
+    flow_name = f"revived-{engine}"
+    ids = await old_runs(3, flow_name)
+    parameters = RetentionParameters(flow_names=(flow_name,), engine=engine)
+    async with open_engine(engine, Throttle(0)) as chosen:
+        policy = await build_policy(chosen, parameters)
+        batch = [batch async for batch in expired_batches(chosen, policy, 10)][0]
+        assert {run.id for run in batch.runs} == set(ids)
+        # Someone retries the run from the UI after it was selected.
+        async with prefect_client() as client:
+            await client.set_flow_run_state(ids[0], Scheduled(), force=True)
+        outcome = await chosen.process_batch(batch.runs, policy, dry_run=False)
+    assert {run.id for run in outcome.runs} == set(ids[1:])
+    assert outcome.left == {CHANGED: 1}
+    assert await existing(ids) == {ids[0]}
+
+
+async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
+    on_retention_server, retention_server, monkeypatch
+):
+    flow_name = "killed-connection"
+    ids = await old_runs(6, flow_name)
+    # Wait for our lock instead of giving up on it: this test ends the wait itself.
+    monkeypatch.setenv("MAINTENANCE_LOCK_TIMEOUT_SECONDS", "120")
+    get_settings(refresh=True)
+    holder_engine = create_async_engine(
+        retention_server.database_url,
+        connect_args={"server_settings": {"application_name": "retention-test"}},
+    )
+    try:
+        async with holder_engine.connect() as holder, holder_engine.connect() as watcher:
+            # pg_stat_activity is read once per transaction: watch from outside any.
+            await watcher.execution_options(isolation_level="AUTOCOMMIT")
+            await holder.execute(
+                sa.text("SELECT id FROM log WHERE flow_run_id = :id FOR UPDATE"), {"id": ids[3]}
+            )
+            purge = asyncio.create_task(retention(engine="sql", flow_names=[flow_name], **QUICK))
+            killed = await _terminate_the_waiting_maintenance_session(watcher)
+            # The retry waits on the same lock; meanwhile nothing of the batch is gone.
+            await _wait_for_a_waiting_maintenance_session(watcher)
+            assert await existing(ids) == set(ids)
+            assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 12
+            await holder.rollback()
+        report = await purge
+    finally:
+        await holder_engine.dispose()
+    assert killed
+    assert report.flow_runs_deleted == 6 and report.stopped_reason == "finished"
+    assert not await existing(ids)
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 0
+
+
+async def _wait_for_a_waiting_maintenance_session(connection) -> int:
+    for _ in range(1200):
+        pid = (
+            await connection.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'prefect-maintenance' "
+                    "AND wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+        ).scalar()
+        if pid:
+            return pid
+        await asyncio.sleep(0.05)
+    raise AssertionError("no maintenance session ever waited for the held lock")
+
+
+async def _terminate_the_waiting_maintenance_session(connection) -> bool:
+    pid = await _wait_for_a_waiting_maintenance_session(connection)
+    return (await connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
+
+
+async def test_two_purges_never_overlap(on_retention_server, retention_server):
+    flow_name = "overlap"
+    ids = await old_runs(2, flow_name)
+    holder_engine = create_async_engine(retention_server.database_url)
+    try:
+        async with holder_engine.connect() as holder:
+            await holder.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_LOCK_KEY)))
+            with pytest.raises(RetentionAlreadyRunning, match="another retention run"):
+                await retention(engine="sql", flow_names=[flow_name], **QUICK)
+            assert await existing(ids) == set(ids)
+            # A dry run deletes nothing, so it does not need the lock.
+            assert (
+                await retention(engine="sql", flow_names=[flow_name], dry_run=True, **QUICK)
+            ).flow_runs_deleted == 2
+            await holder.execute(sa.select(sa.func.pg_advisory_unlock(ADVISORY_LOCK_KEY)))
+            await holder.commit()
+    finally:
+        await holder_engine.dispose()
+    assert (await retention(engine="sql", flow_names=[flow_name], **QUICK)).flow_runs_deleted == 2
+
+
+async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_retention_server):
+    flow_name = "time-budget"
+    ids = await old_runs(6, flow_name)
+
+    class AfterChecks:
+        """A deadline that passes after `allowed` batches."""
+
+        def __init__(self, allowed: int) -> None:
+            self.allowed = allowed
+
+        @property
+        def passed(self) -> bool:
+            self.allowed -= 1
+            return self.allowed < 0
+
+    @flow
+    async def two_batches_then_time_is_up():
+        parameters = RetentionParameters(flow_names=(flow_name,), batch_size=2)
+        async with open_engine("sql", Throttle(0)) as chosen:
+            policy = await build_policy(chosen, parameters)
+            return await purge_expired_runs(chosen, policy, parameters, Throttle(0), AfterChecks(2))
+
+    result = await two_batches_then_time_is_up()
+    assert (result.stopped_reason, result.totals.flow_runs, result.totals.batches, result.remaining) == (
+        "max_minutes",
+        4,
+        2,
+        2,
+    )
+    assert len(await existing(ids)) == 2
+
+    report = await retention(engine="sql", flow_names=[flow_name], max_minutes=1e-6, **QUICK)
+    assert (report.stopped_reason, report.flow_runs_deleted, report.remaining) == ("max_minutes", 0, 2)
+    assert "2 expired top-level runs remain" in report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("values", "parameter"),
+    [
+        ({"older_than_days": 0.01}, "older_than_days"),
+        ({"states": ["RUNNING"]}, "states"),
+        ({"per_state_days": {"LATE": 3}}, "per_state_days"),
+        ({"engine": "fastest"}, "engine"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_runs_per_second": -5}, "max_runs_per_second"),
+        ({"deployment_names": ["nobody/nothing"]}, "deployment_names"),
+    ],
+)
+async def test_bad_input_fails_before_anything_is_touched(on_retention_server, values, parameter):
+    flow_name = "bad-input"
+    ids = await old_runs(1, flow_name)
+    with pytest.raises(Exception, match=parameter):
+        await retention(flow_names=[flow_name], **values)
+    assert await existing(ids) == set(ids)
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 2
+
+
+async def test_the_api_engine_backs_off_when_the_server_fails(on_retention_server, history):
+    slept = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    throttle = Throttle(100, sleep=sleep)
+    # A Running run with a NULL state_timestamp makes the server answer 500 for any page holding it.
+    poison = RunRecord(
+        id=history.null_state_timestamp[0],
+        name="poison-pill",
+        flow_id=uuid.uuid4(),
+        deployment_id=None,
+        state_type="COMPLETED",
+        finished=datetime(2020, 1, 1, tzinfo=UTC),
+        tags=(),
+        parent_task_run_id=None,
+    )
+    policy = RetentionPolicy.from_parameters(RetentionParameters(), datetime.now(UTC))
+    async with prefect_client() as client:
+        engine = ApiEngine(client, throttle, concurrency=2)
+        with pytest.raises(PrefectApiError) as failure:
+            await engine.process_batch([poison], policy, dry_run=True)
+    assert failure.value.status_code == 500
+    assert slept == [0.5, 1.0, 2.0, 4.0][: ATTEMPTS - 1]
+    assert throttle.slowdowns == ATTEMPTS - 1 and throttle.current_rate < 100
+
+
+async def test_runs_running_or_created_during_a_purge_are_untouched(on_retention_server, history):
+    alive = set(history.zombie_running + history.healthy_running + history.stuck_pending + history.late)
+    alive |= set(history.running_subflow_under_finished_parent) | {history.old_finished_parent}
+    alive |= set(history.null_state_timestamp + history.fresh_pending + history.scheduled_tomorrow)
+    _, created = await asyncio.gather(
+        retention(engine="sql", older_than_days=0.05, batch_size=1, **QUICK),
+        old_runs(5, "born-during-the-purge", days=0),
+    )
+    assert await existing(alive) == alive
+    assert await existing(created) == set(created)
+    async with prefect_client() as client:
+        states = {(await client.read_flow_run(run_id)).state.type for run_id in history.zombie_running}
+    assert states == {StateType.RUNNING}

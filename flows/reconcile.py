@@ -1,0 +1,122 @@
+"""Flow `reconcile-stuck-runs`: find every kind of stuck run and end it correctly.
+
+Every few minutes (deployment `reconcile-stuck-runs/every-10-minutes`), or by hand from
+the UI with a dry run first. Each rule of `tasks.reconcile.rules.RULES` in turn: find its
+runs (read-only, by SQL when the database is reachable, through the API otherwise), then
+end them through the API, skipping runs that changed meanwhile, at most `max_actions`
+per pass. Publishes the `reconcile-report` artifact and returns the report.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+
+from tasks.reconcile.actions import end_stuck_runs
+from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
+from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
+from tasks.reconcile.report import ReconcileReport, RuleReport, publish_reconcile_report
+from tasks.reconcile.rules import RULES
+from tasks.reports import Progress
+
+DEFAULTS = ReconcileParameters()
+
+
+@flow(name="reconcile-stuck-runs")
+async def reconcile_stuck_runs(
+    dry_run: bool = DEFAULTS.dry_run,
+    cancelling_after_minutes: float = DEFAULTS.cancelling_after_minutes,
+    pending_after_minutes: float = DEFAULTS.pending_after_minutes,
+    zombie_after_minutes: float = DEFAULTS.zombie_after_minutes,
+    max_runtime_hours: float | None = DEFAULTS.max_runtime_hours,
+    late_after_hours: float | None = DEFAULTS.late_after_hours,
+    unknown_state_action: UnknownStateAction = DEFAULTS.unknown_state_action,
+    max_actions: int = DEFAULTS.max_actions,
+    deployment_names: list[str] | None = None,
+    flow_names: list[str] | None = None,
+    tags: list[str] | None = None,
+    work_queue_names: list[str] | None = None,
+) -> ReconcileReport:
+    """End stuck runs: Unknown, stuck Cancelling or Pending, zombie Running, over max
+    runtime, Late forever, orphaned subflows, open task runs, and repair poison pills.
+
+    Args:
+        dry_run: report what would be done and change nothing.
+        cancelling_after_minutes: a run in Cancelling longer than this becomes Cancelled.
+        pending_after_minutes: a run in a Pending state longer than this becomes Crashed.
+        zombie_after_minutes: a Running run whose last heartbeat is older becomes Crashed;
+            also how long an orphaned subflow or an open task run may stay silent.
+        max_runtime_hours: a run Running longer than this becomes Crashed (empty: off).
+        late_after_hours: a Scheduled or Late run this far past its start is cancelled as
+            expired (empty: off).
+        unknown_state_action: what a run without a current state gets: crash, fail,
+            cancel, or delete (through the API).
+        max_actions: at most this many runs are acted on in one pass; the rest wait.
+        deployment_names: only runs of these deployments ("flow-name/deployment-name").
+        flow_names: only runs of these flows.
+        tags: only runs carrying one of these tags.
+        work_queue_names: only runs of these work queues.
+    """
+    parameters = ReconcileParameters(
+        dry_run=dry_run,
+        cancelling_after_minutes=cancelling_after_minutes,
+        pending_after_minutes=pending_after_minutes,
+        zombie_after_minutes=zombie_after_minutes,
+        max_runtime_hours=max_runtime_hours,
+        late_after_hours=late_after_hours,
+        unknown_state_action=unknown_state_action,
+        max_actions=max_actions,
+        deployment_names=tuple(deployment_names or ()),
+        flow_names=tuple(flow_names or ()),
+        tags=tuple(tags or ()),
+        work_queue_names=tuple(work_queue_names or ()),
+    )
+    logger = get_run_logger()
+    clock = time.monotonic()
+    scope = await resolve_scope(parameters)
+    source = await choose_detection_source()
+    logger.info("Detection: %s", source.note)
+    report = ReconcileReport(
+        dry_run=parameters.dry_run,
+        detection=source.kind,
+        detection_note=source.note,
+        started=datetime.now(UTC),
+        max_actions=parameters.max_actions,
+    )
+    progress = Progress("Reconciling stuck runs, rule by rule")
+    budget = parameters.max_actions
+    # Flow runs ended earlier in this pass: their subflows and task runs follow them.
+    ending: dict[UUID, str] = {}
+    for done, rule in enumerate(RULES, start=1):
+        if not rule.is_enabled(parameters):
+            report.rules.append(RuleReport.of(rule, parameters))
+            continue
+        rule_started = time.monotonic()
+        findings = await find_stuck_runs(rule, parameters, scope, source, ending)
+        if findings.candidates or findings.unreadable:
+            outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
+        else:
+            outcome = RuleReport.of(rule, parameters)
+        outcome.seconds = round(time.monotonic() - rule_started, 3)
+        budget -= outcome.fixed + outcome.skipped
+        if rule.ends_run:
+            ending.update(outcome.ended_flow_runs())
+        report.rules.append(outcome)
+        logger.info(
+            "%s: found %d, %s %d, skipped %d, left %d, in %.2f s",
+            rule.title,
+            outcome.found,
+            "would fix" if parameters.dry_run else "fixed",
+            outcome.fixed,
+            outcome.skipped,
+            outcome.left,
+            outcome.seconds,
+        )
+        await progress.update(100 * done / len(RULES))
+    report.seconds = round(time.monotonic() - clock, 3)
+    await publish_reconcile_report(report)
+    logger.info("Reconcile %s", report.summary())
+    return report

@@ -1,0 +1,290 @@
+"""Ending stuck runs, only through the Prefect API.
+
+For each batch: re-read the runs, skip any whose state changed since detection, then set
+each remaining run's state (`force` only where the rule needs it) or delete it, a few
+requests in flight at once, and emit one `prefect-maintenance.run.reconciled` event per
+fixed run so users can hang notifications on it. An error on one run is recorded on that
+run and the others go on. A dry run does the same reads and stops short of every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import State, StateType
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.exceptions import ObjectNotFound
+
+from tasks.prefect_api import BULK_LIMIT, call, prefect_client
+from tasks.reconcile.detect import (
+    Candidate,
+    Findings,
+    RunScope,
+    read_every_row,
+    read_runs_by_id,
+    scope_filters,
+)
+from tasks.reconcile.parameters import ReconcileParameters
+from tasks.reconcile.report import RuleReport, RunAction
+from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule
+from tasks.settings import get_settings
+
+RECONCILED_EVENT = "prefect-maintenance.run.reconciled"
+
+
+def state_message(rule: Rule, seen: str) -> str:
+    return f"Reconciled by prefect-maintenance, rule {rule.name}: {seen}."
+
+
+@task(name="end-stuck-runs", task_run_name="end-{rule.name}", cache_policy=NO_CACHE)
+async def end_stuck_runs(
+    rule: Rule, findings: Findings, parameters: ReconcileParameters, scope: RunScope, budget: int
+) -> RuleReport:
+    """Act on at most `budget` of the rule's findings; the rest are reported as left."""
+    report = RuleReport.of(rule, parameters)
+    report.found = len(findings.candidates) + (findings.unreadable if rule.unreadable_are_found else 0)
+    report.unreadable = findings.unreadable
+    budget = max(budget, 0)
+    acting, left = findings.candidates[:budget], findings.candidates[budget:]
+    async with prefect_client() as client:
+        for start in range(0, len(acting), BULK_LIMIT):
+            batch = acting[start : start + BULK_LIMIT]
+            try:
+                await _act_on_batch(client, rule, batch, parameters.dry_run, report)
+            except Exception as error:  # a failed re-read skips its batch, not the pass
+                report.notes.append(f"a batch of {len(batch)} runs failed: {_error_reason(error)}")
+                recorded = {action.run_id for action in report.runs}
+                for candidate in batch:
+                    if candidate.run.run_id not in recorded:
+                        report.record(_action(candidate, "skipped", _error_reason(error)))
+        budget -= len(acting)
+        if rule.unreadable_are_found and findings.unreadable and budget > 0:
+            await _repair_unreadable(
+                client, rule, findings.unreadable, parameters.dry_run, scope, budget, report
+            )
+    for candidate in left:
+        report.record(_action(candidate, "left", "max_actions reached in this pass"))
+    return report
+
+
+def _action(candidate: Candidate, outcome: str, reason: str | None = None) -> RunAction:
+    run, verdict = candidate.run, candidate.verdict
+    return RunAction(
+        run_id=run.run_id,
+        run_kind=candidate.run_kind,
+        run_name=run.run_name,
+        flow_name=run.flow_name,
+        from_state=run.state_name if run.state_id else "Unknown",
+        to_state="deleted" if verdict.target_type == DELETE else verdict.target_name,
+        to_type=verdict.target_type,
+        seen=verdict.seen,
+        outcome=outcome,
+        reason=reason,
+    )
+
+
+def _changed(
+    rule: Rule, candidate: Candidate, current: dict[UUID, dict], unreadable: set[UUID]
+) -> str | None:
+    """Why the run may no longer be acted on, or None when it is as detection saw it."""
+    run_id = candidate.run.run_id
+    if run_id in unreadable:
+        return None if rule.unreadable_are_found else "the run cannot be read through the API"
+    if run_id not in current:
+        return "the run no longer exists"
+    if rule.unreadable_are_found:
+        return "its state timestamp is set again"
+    row = current[run_id]
+    if row["state_id"] != (str(candidate.run.state_id) if candidate.run.state_id else None):
+        return f"its state changed to {row['state_name'] or 'Unknown'} since detection"
+    return None
+
+
+async def _act_on_batch(
+    client: PrefectClient, rule: Rule, batch: list[Candidate], dry_run: bool, report: RuleReport
+) -> None:
+    current, unreadable = await read_runs_by_id(
+        client, rule.selection.run_kind, (candidate.run.run_id for candidate in batch)
+    )
+    ready = []
+    for candidate in batch:
+        reason = _changed(rule, candidate, current, unreadable)
+        if reason is None and candidate.verdict.target_type == DELETE:
+            reason = await _why_not_delete(client, candidate.run.run_id)
+        if reason is not None:
+            report.record(_action(candidate, "skipped", reason))
+        elif dry_run:
+            report.record(_action(candidate, "would fix"))
+        else:
+            ready.append(candidate)
+    limit = asyncio.Semaphore(get_settings().api_concurrency)
+
+    async def apply(candidate: Candidate) -> RunAction:
+        async with limit:
+            try:
+                reason = await _apply(client, rule, candidate)
+            except Exception as error:  # one run's failure must not stop the others
+                reason = _error_reason(error)
+        return _action(candidate, "skipped" if reason else "fixed", reason)
+
+    actions = await asyncio.gather(*(apply(candidate) for candidate in ready))
+    for action in actions:
+        report.record(action)
+    await _emit_reconciled(client, rule, [action for action in actions if action.outcome == "fixed"])
+
+
+def _error_reason(error: Exception) -> str:
+    return f"error: {type(error).__name__}: {str(error)[:200]}"
+
+
+async def _why_not_delete(client: PrefectClient, run_id: UUID) -> str | None:
+    # Deleting a parent turns its subflows into top-level runs: leave trees to retention.
+    subflows = await call(
+        client,
+        "POST",
+        "/flow_runs/count",
+        json={"flow_runs": {"parent_flow_run_id": {"any_": [str(run_id)]}}},
+    )
+    return f"it has {subflows} subflow runs; delete it with the retention flow" if subflows else None
+
+
+async def _apply(client: PrefectClient, rule: Rule, candidate: Candidate) -> str | None:
+    """Make the change; None when it was accepted, otherwise why not."""
+    run_id, verdict = candidate.run.run_id, candidate.verdict
+    if verdict.target_type == DELETE:
+        try:
+            await client.delete_flow_run(run_id)
+        except ObjectNotFound:
+            return "the run no longer exists"
+        return None
+    state = State(
+        type=StateType(verdict.target_type),
+        name=verdict.target_name,
+        message=state_message(rule, verdict.seen),
+    )
+    if candidate.run_kind == "flow_run":
+        result = await client.set_flow_run_state(run_id, state, force=rule.force)
+    else:
+        result = await client.set_task_run_state(run_id, state, force=rule.force)
+    if result.status == SetStateStatus.ACCEPT:
+        return None
+    detail = getattr(result.details, "reason", None) or "no reason given"
+    return f"the API answered {result.status.value}: {detail}"
+
+
+async def _repair_unreadable(
+    client: PrefectClient,
+    rule: Rule,
+    expected: int,
+    dry_run: bool,
+    scope: RunScope,
+    budget: int,
+    report: RuleReport,
+) -> None:
+    """Repair runs the API cannot list, by a filter that selects exactly them.
+
+    Their ids cannot be read, but every other Running run can: the filter is "Running,
+    started before this re-read, and none of the readable ones". `bulk_set_state` answers
+    with the id of every run it changed. In a dry run they are counted, without ids.
+    """
+    if scope.flow_names:
+        # bulk_set_state takes a flow run filter only, which cannot name flows: such a
+        # repair could reach runs outside the scope.
+        report.skipped += expected
+        report.notes.append(
+            f"{expected} unreadable runs were not repaired: through the API they can only be "
+            "repaired by a filter, and flow_names cannot be part of it (use tags, deployments "
+            "or work queues, or give the flow the database)"
+        )
+        return
+    scoped_runs, _ = scope_filters(scope)
+    flow_runs = {**scoped_runs, "state": {"type": {"any_": list(rule.selection.state_types or ())}}}
+    reread_at = datetime.now(UTC)
+    readable, still_unreadable = await read_every_row(
+        client, "/flow_runs/filter", {"flow_runs": flow_runs, "sort": "ID_DESC"}
+    )
+    handled = min(still_unreadable, budget)
+    report.skipped += max(0, expected - still_unreadable)
+    report.left += min(expected, still_unreadable) - handled
+    if dry_run:
+        report.fixed += handled
+        report.notes.append(f"{handled} runs would be repaired; their ids show once they are")
+        return
+    excluded = [row["id"] for row in readable]
+    message = state_message(rule, "Running with no state timestamp; its Running state is recorded again")
+    repaired: list[RunAction] = []
+    while len(repaired) < handled:
+        answer = await call(
+            client,
+            "POST",
+            "/flow_runs/bulk_set_state",
+            json={
+                "flow_runs": {
+                    **flow_runs,
+                    "id": {"not_any_": excluded},
+                    "start_time": {"before_": reread_at.isoformat()},
+                },
+                "state": {"type": "RUNNING", "name": STATE_NAMES["RUNNING"], "message": message},
+                "force": True,
+                "limit": min(BULK_LIMIT, handled - len(repaired)),
+            },
+        )
+        if not answer["results"]:
+            break
+        for result in answer["results"]:
+            excluded.append(result["flow_run_id"])
+            accepted = result["status"] == SetStateStatus.ACCEPT.value
+            repaired.append(
+                RunAction(
+                    run_id=result["flow_run_id"],
+                    run_kind="flow_run",
+                    run_name="(unreadable through the API)",
+                    from_state="Running",
+                    to_state="Running",
+                    to_type="RUNNING",
+                    seen="Running with no state timestamp",
+                    outcome="fixed" if accepted else "skipped",
+                    reason=None if accepted else f"the API answered {result['status']}",
+                )
+            )
+    report.skipped += handled - len(repaired)
+    for action in repaired:
+        report.record(action)
+    await _emit_reconciled(client, rule, [action for action in repaired if action.outcome == "fixed"])
+
+
+async def _emit_reconciled(client: PrefectClient, rule: Rule, actions: list[RunAction]) -> None:
+    if not actions:
+        return
+    occurred = datetime.now(UTC).isoformat()
+    events = [
+        {
+            "id": str(uuid4()),
+            "occurred": occurred,
+            "event": RECONCILED_EVENT,
+            "resource": {
+                "prefect.resource.id": f"prefect.{action.run_kind.replace('_', '-')}.{action.run_id}",
+                "prefect.resource.name": action.run_name,
+            },
+            "related": [
+                {
+                    "prefect.resource.id": f"prefect-maintenance.rule.{rule.name}",
+                    "prefect.resource.role": "reconcile-rule",
+                    "prefect.resource.name": rule.title,
+                }
+            ],
+            "payload": {
+                "rule": rule.name,
+                "from_state": action.from_state,
+                "to_state": action.to_state,
+                "seen": action.seen,
+            },
+        }
+        for action in actions
+    ]
+    await call(client, "POST", "/events", json=events)

@@ -1,0 +1,192 @@
+"""What a reconcile pass found and did, per rule and per run: the flow's return value and
+the `reconcile-report` artifact."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from tasks.reconcile.parameters import ReconcileParameters
+from tasks.reconcile.rules import Rule
+from tasks.reports import markdown_table, publish_markdown, publish_table
+
+REPORT_KEY = "reconcile-report"
+RUNS_TABLE_KEY = "reconcile-report-runs"
+# Runs listed per rule in the markdown; the table artifact and the returned report list all.
+MARKDOWN_RUNS_PER_RULE = 25
+
+Outcome = Literal["fixed", "would fix", "skipped", "left"]
+
+
+class RunAction(BaseModel):
+    run_id: UUID
+    run_kind: Literal["flow_run", "task_run"]
+    run_name: str
+    flow_name: str | None = None
+    from_state: str
+    to_state: str
+    # The state type it ends in (or DELETE), for the rules that follow in the same pass.
+    to_type: str
+    seen: str
+    outcome: Outcome
+    reason: str | None = None
+
+
+class RuleReport(BaseModel):
+    rule: str
+    title: str
+    finds: str
+    sets: str
+    threshold: str
+    found: int = 0
+    fixed: int = 0
+    skipped: int = 0
+    left: int = 0
+    # Rows the API could not return (flow runs hit by the NULL state_timestamp bug).
+    unreadable: int = 0
+    runs: list[RunAction] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, rule: Rule, parameters: ReconcileParameters) -> RuleReport:
+        return cls(
+            rule=rule.name,
+            title=rule.title,
+            finds=rule.finds,
+            sets=rule.sets,
+            threshold=rule.describe_threshold(parameters),
+        )
+
+    def record(self, action: RunAction) -> None:
+        self.runs.append(action)
+        if action.outcome in ("fixed", "would fix"):
+            self.fixed += 1
+        elif action.outcome == "skipped":
+            self.skipped += 1
+        else:
+            self.left += 1
+
+    def ended_flow_runs(self) -> dict[UUID, str]:
+        """Flow runs this rule ended (or would end), with the state type they end in."""
+        return {
+            action.run_id: action.to_type
+            for action in self.runs
+            if action.run_kind == "flow_run" and action.outcome in ("fixed", "would fix")
+        }
+
+    def ids(self, *outcomes: Outcome) -> list[UUID]:
+        return [action.run_id for action in self.runs if not outcomes or action.outcome in outcomes]
+
+
+class ReconcileReport(BaseModel):
+    dry_run: bool
+    detection: Literal["sql", "api"]
+    detection_note: str
+    started: datetime
+    seconds: float = 0.0
+    max_actions: int
+    rules: list[RuleReport] = Field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        return sum(rule.found for rule in self.rules)
+
+    @property
+    def fixed(self) -> int:
+        return sum(rule.fixed for rule in self.rules)
+
+    @property
+    def skipped(self) -> int:
+        return sum(rule.skipped for rule in self.rules)
+
+    @property
+    def left(self) -> int:
+        return sum(rule.left for rule in self.rules)
+
+    def rule(self, name: str) -> RuleReport:
+        return next(rule for rule in self.rules if rule.rule == name)
+
+    def summary(self) -> str:
+        verb = "would fix" if self.dry_run else "fixed"
+        return (
+            f"found {self.found} stuck runs, {verb} {self.fixed}, skipped {self.skipped}, "
+            f"left {self.left} for the next pass, in {self.seconds:.1f} s"
+        )
+
+    def table_rows(self) -> list[dict[str, str]]:
+        return [
+            {
+                "rule": rule.rule,
+                "run_id": str(action.run_id),
+                "run": action.run_name,
+                "flow": action.flow_name or "",
+                "from": action.from_state,
+                "to": action.to_state,
+                "outcome": action.outcome,
+                "seen": action.seen,
+                "reason": action.reason or "",
+            }
+            for rule in self.rules
+            for action in rule.runs
+        ]
+
+    def to_markdown(self) -> str:
+        fixed_header = "would fix" if self.dry_run else "fixed"
+        lines = [
+            f"# Reconcile stuck runs{' (dry run: nothing was changed)' if self.dry_run else ''}",
+            "",
+            f"{self.summary().capitalize()}.",
+            f"Detection: {self.detection_note}. At most {self.max_actions} actions per pass.",
+            "",
+            markdown_table(
+                ["rule", "finds", "threshold", "sets", "found", fixed_header, "skipped", "left", "seconds"],
+                (
+                    (rule.title, rule.finds, rule.threshold, rule.sets, rule.found)
+                    + (rule.fixed, rule.skipped, rule.left, f"{rule.seconds:.2f}")
+                    for rule in self.rules
+                ),
+            ),
+        ]
+        for rule in self.rules:
+            if rule.unreadable:
+                lines += ["", f"{rule.title}: {rule.unreadable} runs could not be read through the API."]
+            lines += [f"\n{rule.title}: {note}." for note in rule.notes]
+            if not rule.runs:
+                continue
+            shown = rule.runs[:MARKDOWN_RUNS_PER_RULE]
+            lines += [
+                "",
+                f"## {rule.title}",
+                "",
+                markdown_table(
+                    ["run", "flow", "from", "to", "outcome", "seen"],
+                    (
+                        (
+                            f"{action.run_name} (`{action.run_id}`)",
+                            action.flow_name or "",
+                            action.from_state,
+                            action.to_state,
+                            action.outcome + (f": {action.reason}" if action.reason else ""),
+                            action.seen,
+                        )
+                        for action in shown
+                    ),
+                ),
+            ]
+            if len(rule.runs) > len(shown):
+                lines.append(f"\n... and {len(rule.runs) - len(shown)} more (see `{RUNS_TABLE_KEY}`).")
+        return "\n".join(lines) + "\n"
+
+
+@task(name="publish-reconcile-report", cache_policy=NO_CACHE)
+async def publish_reconcile_report(report: ReconcileReport) -> None:
+    await publish_markdown(REPORT_KEY, report.to_markdown(), description=report.summary())
+    await publish_table(
+        RUNS_TABLE_KEY, report.table_rows(), description=f"Runs of this pass: {report.summary()}"
+    )

@@ -1,0 +1,131 @@
+"""The health report: per-table and per-index figures, flags, and one verdict."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.health.bloat import Bloat
+
+Severity = Literal["info", "warning", "critical"]
+Verdict = Literal["ok", "warning", "critical"]
+Backend = Literal["postgresql", "sqlite"]
+
+# How a bloat figure was obtained, from the cheapest to the most exact.
+BloatMethod = Literal["estimate", "pgstattuple_approx", "dbstat"]
+
+# The tables Prefect's maintenance guide says grow fastest; always listed in the report.
+PREFECT_BIG_TABLES = (
+    "events",
+    "event_resources",
+    "log",
+    "flow_run",
+    "task_run",
+    "flow_run_state",
+    "task_run_state",
+)
+
+
+class Flag(BaseModel):
+    """One red (or amber, or informational) flag, with what to do about it."""
+
+    severity: Severity
+    check: str
+    object: str
+    value: float | str | None = None
+    threshold: float | None = None
+    unit: str = ""
+    advice: str
+
+
+class BloatFigures(BaseModel):
+    """Bloat of a table or an index, and how it was obtained."""
+
+    bloat_percent: float | None = Field(
+        None, description="Wasted space as % of the space the live rows need (100% = twice the needed size)."
+    )
+    bloat_bytes: int | None = None
+    bloat_method: BloatMethod | None = None
+
+    def record_bloat(self, bloat: Bloat, method: BloatMethod) -> None:
+        self.bloat_percent, self.bloat_bytes, self.bloat_method = bloat.percent, bloat.bytes, method
+
+
+class TableFigures(BloatFigures):
+    name: str
+    total_bytes: int
+    heap_bytes: int
+    index_bytes: int
+    toast_bytes: int = 0
+    live_rows: int | None = None
+    dead_rows: int | None = None
+    dead_percent: float | None = None
+    estimated_bloat_percent: float | None = Field(
+        None, description="The statistics-based estimate, kept when pgstattuple confirmed the table."
+    )
+    last_vacuum: datetime | None = None
+    last_autovacuum: datetime | None = None
+    last_analyze: datetime | None = None
+    last_autoanalyze: datetime | None = None
+    autovacuum_enabled: bool = True
+    vacuum_due: bool = False
+    changes_since_vacuum: int | None = None
+    prefect_table: bool = False
+    growth_bytes: int | None = Field(None, description="Growth of total_bytes since the previous report.")
+
+
+class IndexFigures(BloatFigures):
+    name: str
+    table: str
+    method: str
+    bytes: int
+    scans: int | None = None
+    unique: bool = False
+    valid: bool = True
+
+
+class PreviousReport(BaseModel):
+    """What the previous `db-health-report` left behind, for growth and new deadlocks."""
+
+    created: datetime
+    table_bytes: dict[str, int]
+    deadlocks: int | None = None
+
+
+class HealthReport(BaseModel):
+    backend: Backend | None
+    database: str = Field(description="The database, described without secrets.")
+    server_version: str | None = None
+    generated_at: datetime
+    seconds: float = 0.0
+    database_bytes: int | None = None
+    deadlocks: int | None = Field(
+        None, description="Deadlocks PostgreSQL counted since its statistics reset."
+    )
+    verdict: Verdict = "ok"
+    flags: list[Flag] = Field(default_factory=list)
+    tables: list[TableFigures] = Field(default_factory=list)
+    indexes: list[IndexFigures] = Field(default_factory=list)
+    findings: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="What each check saw, by check name, flagged or not."
+    )
+    notes: list[str] = Field(default_factory=list, description="What the report could not see, and why.")
+    check_seconds: dict[str, float] = Field(default_factory=dict, description="How long each check took.")
+    previous_report_at: datetime | None = None
+    exact: bool = False
+    top_n: int = 20
+
+
+SEVERITY_ORDER: dict[Severity, int] = {"critical": 0, "warning": 1, "info": 2}
+
+
+def verdict_of(flags: list[Flag]) -> Verdict:
+    """The worst severity among the flags; informational flags never change the verdict."""
+    severities = {flag.severity for flag in flags}
+    if "critical" in severities:
+        return "critical"
+    if "warning" in severities:
+        return "warning"
+    return "ok"

@@ -1,0 +1,24 @@
+"""Running one read-only statement; shared by the PostgreSQL and SQLite parts of the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def rows_of(
+    connection: AsyncConnection, statement: str, parameters: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of `statement` as dicts; only the parameters it names are bound."""
+    bound = {key: value for key, value in (parameters or {}).items() if f":{key}" in statement}
+    result = await connection.execute(text(statement), bound)
+    return [dict(row) for row in result.mappings()]
+
+
+def describe_error(error: BaseException) -> str:
+    """The error's class and first line; SQLAlchemy's own text would repeat the statement."""
+    original = getattr(error, "orig", None) or error
+    message = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {message[:300]}"

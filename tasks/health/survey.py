@@ -1,0 +1,156 @@
+"""The report's Prefect tasks: read the previous report, survey the database and run every
+check on one read-only session, publish the artifacts.
+
+The session is the project's read-only one (`default_transaction_read_only`,
+`statement_timeout`, `lock_timeout`) in autocommit mode: each statement is its own short
+transaction, so the report never holds a snapshot (and the xmin horizon) for its whole
+duration, and a statement that fails or times out costs only its own check.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.database import DatabaseUnavailable, connect, dialect_of
+from tasks.health import postgres, sqlite
+from tasks.health.checks import Probe, run_checks
+from tasks.health.history import TABLE_KEY, apply_growth, read_previous_report, table_artifact_description
+from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, PreviousReport, verdict_of
+from tasks.health.render import MARKDOWN_KEY, markdown_description, render_markdown, table_rows
+from tasks.health.statements import describe_error
+from tasks.health.thresholds import HealthParameters
+from tasks.prefect_api import PrefectApiError
+from tasks.reports import Progress, publish_markdown, publish_table
+from tasks.settings import get_settings
+
+PGSTATTUPLE_MISSING = (
+    "exact=true asked for pgstattuple, which is not installed in this database; the bloat figures are "
+    "estimates. To install it (as the database owner or a superuser; allowed on RDS): "
+    "CREATE EXTENSION pgstattuple; members of pg_monitor may then run it."
+)
+
+
+@task(name="read-previous-report", cache_policy=NO_CACHE)
+async def read_previous_health_report() -> PreviousReport | None:
+    """The previous report's figures; without them the report still runs, without growth."""
+    try:
+        return await read_previous_report()
+    except (PrefectApiError, ValueError) as error:
+        get_run_logger().warning("The previous report could not be read (%s): no growth this time", error)
+        return None
+
+
+@task(name="survey-database", cache_policy=NO_CACHE)
+async def survey_database(parameters: HealthParameters, previous: PreviousReport | None) -> HealthReport:
+    """Everything the report says about the database, read-only; never raises for a check."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    settings = get_settings()
+    report = HealthReport(
+        backend=None,
+        database=settings.database_description,
+        generated_at=datetime.now(UTC),
+        exact=parameters.exact,
+        top_n=parameters.top_n,
+    )
+    if settings.database_url is None:
+        report.flags.append(_unreachable(report, "no database URL is configured (MAINTENANCE_DATABASE_URL)"))
+    else:
+        report.backend = dialect_of(settings.database_url)
+        try:
+            async with connect(read_only=True) as session:
+                connection = await session.execution_options(isolation_level="AUTOCOMMIT")
+                probe = Probe(report.backend, connection, parameters.thresholds, report, previous=previous)
+                if report.backend == "postgresql":
+                    await _survey_postgresql(probe, parameters)
+                else:
+                    await _survey_sqlite(probe)
+                logger.info(
+                    "Surveyed %d tables and %d indexes of the %s",
+                    len(report.tables),
+                    len(report.indexes),
+                    report.database,
+                )
+                await run_checks(probe, progress=Progress("db-health-report: running checks"))
+        except DatabaseUnavailable as error:
+            report.flags.append(_unreachable(report, str(error)))
+    apply_growth(report, previous)
+    report.flags.sort(key=lambda flag: SEVERITY_ORDER[flag.severity])
+    report.verdict = verdict_of(report.flags)
+    report.seconds = round(time.perf_counter() - started, 2)
+    return report
+
+
+@task(name="publish-health-report", cache_policy=NO_CACHE)
+async def publish_health_report(report: HealthReport) -> None:
+    await publish_table(TABLE_KEY, table_rows(report), table_artifact_description(report))
+    await publish_markdown(MARKDOWN_KEY, render_markdown(report), markdown_description(report))
+
+
+async def _survey_postgresql(probe: Probe, parameters: HealthParameters) -> None:
+    connection, report = probe.connection, probe.report
+    probe.server = await postgres.read_server(connection)
+    report.server_version = probe.server["server_version"]
+    report.database_bytes = probe.server["database_bytes"]
+    report.deadlocks = probe.server["deadlocks"]
+    report.tables, storage = await postgres.read_tables(connection, probe.server)
+    report.indexes = await postgres.read_indexes(connection, probe.server)
+    if parameters.exact:
+        await _confirm_with_pgstattuple(probe, storage, parameters.top_n)
+    unmeasured = [
+        table.name for table in report.tables if table.bloat_method is None and table.heap_bytes > 0
+    ]
+    if unmeasured:
+        report.notes.append(
+            f"No bloat figure for {len(unmeasured)} tables without planner statistics (never analyzed, or "
+            f"their columns are not readable by this role): {', '.join(unmeasured[:10])}."
+        )
+
+
+async def _confirm_with_pgstattuple(
+    probe: Probe, storage: dict[str, postgres.TableStorage], top_n: int
+) -> None:
+    report = probe.report
+    if probe.server["pgstattuple_schema"] is None:
+        report.notes.append(PGSTATTUPLE_MISSING)
+        return
+    # The most suspicious first (most estimated waste), then the largest.
+    candidates = sorted(
+        (table for table in report.tables if table.heap_bytes > 0),
+        key=lambda table: (table.bloat_bytes or 0, table.total_bytes),
+        reverse=True,
+    )[:top_n]
+    progress = Progress("db-health-report: confirming bloat with pgstattuple")
+    for position, table in enumerate(candidates, start=1):
+        try:
+            await postgres.confirm_with_pgstattuple(
+                probe.connection, table, storage[table.name], probe.server
+            )
+        except Exception as error:
+            report.notes.append(f"pgstattuple_approx on {table.name} did not finish: {describe_error(error)}")
+        await progress.update(100.0 * position / len(candidates))
+
+
+async def _survey_sqlite(probe: Probe) -> None:
+    report = probe.report
+    probe.server = await sqlite.read_server(probe.connection)
+    report.server_version = probe.server["server_version"]
+    report.database_bytes = probe.server["database_bytes"]
+    report.tables, report.indexes = await sqlite.read_tables_and_indexes(
+        probe.connection, probe.server, report.notes
+    )
+    report.notes.append(sqlite.NOT_APPLICABLE)
+
+
+def _unreachable(report: HealthReport, reason: str) -> Flag:
+    return Flag(
+        severity="warning",
+        check="database_reachable",
+        object=report.database,
+        advice=f"The report could not read the database: {reason}. Set MAINTENANCE_DATABASE_URL for a "
+        "read-only role (see the README: pg_monitor + pg_read_all_data).",
+    )

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import time
 from pathlib import Path
 
-from sqlalchemy import text
+# The flows' own log lines go to the Prefect UI; the terminal shows the summaries only.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
-from localstack.seed import seed_messy_history
-from localstack.stack import DEFAULT_PORT, DEFAULT_STATE_DIR, Stack
+from sqlalchemy import text  # noqa: E402
+
+from localstack.seed import seed_messy_history  # noqa: E402
+from localstack.stack import DEFAULT_PORT, DEFAULT_STATE_DIR, Stack  # noqa: E402
 
 PREFECT_TABLES = (
     "flow_run",
@@ -73,6 +75,18 @@ async def story(stack: Stack) -> None:
     print_counts("Rows in Prefect's tables:", before)
     await run_flows(stack.server.ui_url)
     print_counts("Rows in Prefect's tables after maintenance:", await table_counts(), before)
+    await flush_to_server()
+
+
+async def flush_to_server() -> None:
+    """Send the flows' queued logs and events before the server stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    await APILogHandler.aflush()
+    drained = EventsWorker.drain_all()
+    if drained is not None and hasattr(drained, "__await__"):
+        await drained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     started = time.perf_counter()
     stack = Stack(state_dir=args.state_dir, port=args.port)

@@ -26,10 +26,35 @@ class FlowStep:
         return flow(**self.parameters)
 
 
-def scalar_fields(report: Any) -> list[str]:
-    """Every top-level number, string or flag of a report, one per line."""
-    data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
-    return [f"{key}: {value}" for key, value in data.items() if isinstance(value, (int, float, str, bool))]
+def reconcile_summary(report: Any) -> list[str]:
+    lines = [report.summary() + f" (detection: {report.detection})"]
+    for rule in report.rules:
+        if rule.found:
+            lines.append(
+                f"  {rule.rule:28} found {rule.found}, fixed {rule.fixed}, skipped {rule.skipped} -> {rule.sets}"
+            )
+    return lines
+
+
+def retention_summary(report: Any) -> list[str]:
+    verb = "would delete" if report.dry_run else "deleted"
+    lines = [
+        f"engine {report.engine}: {verb} {report.flow_runs_deleted} flow runs in {report.seconds:.1f} s "
+        f"({report.stopped_reason}, {report.remaining} remaining)",
+        f"  by state: {report.by_state}",
+        f"  by deployment: {report.by_deployment}",
+    ]
+    rows = {table: count for table, count in report.rows_deleted.items() if count}
+    if rows:
+        lines.append(f"  rows {verb}: {rows}")
+    return lines
+
+
+def health_summary(report: Any) -> list[str]:
+    lines = [f"verdict: {report.verdict.upper()} on {report.database} ({len(report.flags)} flags)"]
+    for flag in report.flags[:8]:
+        lines.append(f"  [{flag.severity}] {flag.check}: {flag.object} = {flag.value}")
+    return lines
 
 
 ALL_STEPS = [
@@ -37,14 +62,18 @@ ALL_STEPS = [
         "reconcile-stuck-runs (dry run)",
         "flows.reconcile",
         "reconcile_stuck_runs",
-        {"dry_run": True},
-        scalar_fields,
+        {"dry_run": True, "late_after_hours": 24},
+        reconcile_summary,
     ),
     FlowStep(
-        "reconcile-stuck-runs", "flows.reconcile", "reconcile_stuck_runs", {"dry_run": False}, scalar_fields
+        "reconcile-stuck-runs",
+        "flows.reconcile",
+        "reconcile_stuck_runs",
+        {"dry_run": False, "late_after_hours": 24},
+        reconcile_summary,
     ),
-    FlowStep("retention (dry run)", "flows.retention", "retention", {"dry_run": True}, scalar_fields),
-    FlowStep("retention", "flows.retention", "retention", {"dry_run": False}, scalar_fields),
-    FlowStep("db-health-report", "flows.db_health", "db_health_report", {}, scalar_fields),
+    FlowStep("retention (dry run)", "flows.retention", "retention", {"dry_run": True}, retention_summary),
+    FlowStep("retention", "flows.retention", "retention", {"dry_run": False}, retention_summary),
+    FlowStep("db-health-report", "flows.db_health", "db_health_report", {}, health_summary),
 ]
 FLOW_STEPS = [step for step in ALL_STEPS if step.available()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ for _name in (
     os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
 from localstack.stack import PrefectServer, Stack, free_port  # noqa: E402
@@ -58,13 +60,26 @@ def use_server(api_url: str, database_url: str | None) -> Iterator[None]:
     get_settings(refresh=True)
     try:
         with temporary_settings({PREFECT_API_URL: api_url}):
-            yield
+            try:
+                yield
+            finally:
+                # Send the test's queued flow-run logs while this server still answers;
+                # otherwise Prefect's log sender retries a stopped server at exit.
+                _drain_logs()
     finally:
         if saved is None:
             os.environ.pop("MAINTENANCE_DATABASE_URL", None)
         else:
             os.environ["MAINTENANCE_DATABASE_URL"] = saved
         get_settings(refresh=True)
+
+
+def _drain_logs() -> None:
+    """Block until Prefect's log sender has sent what it holds. In a thread of its own,
+    because with an event loop running in this thread `drain_all` would return a coroutine."""
+    drainer = threading.Thread(target=APILogWorker.drain_all, kwargs={"timeout": 10})
+    drainer.start()
+    drainer.join(timeout=15)
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,8 @@ from prefect.client.orchestration import PrefectClient, get_client
 PAGE_SIZE = 200
 # `bulk_delete` and `bulk_set_state` accept at most this many runs per call.
 BULK_LIMIT = 50
+# The event a running flow emits every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds.
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
 
 class PrefectApiError(RuntimeError):

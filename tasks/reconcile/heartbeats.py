@@ -16,9 +16,8 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 
-from tasks.prefect_api import PAGE_SIZE, call
+from tasks.prefect_api import HEARTBEAT_EVENT, PAGE_SIZE, call
 
-HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 RESOURCE_PREFIX = "prefect.flow-run."
 
 LATEST_HEARTBEAT_SQL = (

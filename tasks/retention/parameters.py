@@ -18,7 +18,6 @@ EngineChoice = Literal["auto", "api", "sql"]
 # Anything younger could still be a run that is being written; one hour is also the
 # floor Prefect's own `db_vacuum` retention setting accepts.
 MINIMUM_AGE_DAYS = 1 / 24
-HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
 
 class RetentionParameterError(ValueError):

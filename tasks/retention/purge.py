@@ -18,8 +18,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from tasks.prefect_api import HEARTBEAT_EVENT
 from tasks.reports import Progress
-from tasks.retention.parameters import HEARTBEAT_EVENT, RetentionParameters
+from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Deadline, Throttle
 from tasks.retention.report import BatchOutcome, RetentionTotals, StoppedReason

@@ -100,10 +100,22 @@ async def reconcile_stuck_runs(
             outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
         else:
             outcome = RuleReport.of(rule, parameters)
-        outcome.seconds = round(time.monotonic() - rule_started, 3)
-        budget -= outcome.fixed + outcome.skipped
         if rule.ends_run:
             ending.update(outcome.ended_flow_runs())
+        while rule.follows_the_tree_down and outcome.ended_flow_runs():
+            deeper = await find_stuck_runs(rule, parameters, scope, source, ending)
+            seen = set(outcome.ids())
+            deeper.candidates = [found for found in deeper.candidates if found.run.run_id not in seen]
+            if not deeper.candidates:
+                break
+            outcome.absorb(
+                await end_stuck_runs(
+                    rule, deeper, parameters, scope, budget - outcome.fixed - outcome.skipped
+                )
+            )
+            ending.update(outcome.ended_flow_runs())
+        outcome.seconds = round(time.monotonic() - rule_started, 3)
+        budget -= outcome.fixed + outcome.skipped
         report.rules.append(outcome)
         logger.info(
             "%s: found %d, %s %d, skipped %d, left %d, in %.2f s",

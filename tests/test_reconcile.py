@@ -459,3 +459,44 @@ def test_parameters_reject_bad_values_by_name():
     with pytest.raises(ValidationError, match="zombie_after_minutes"):
         ReconcileParameters(zombie_after_minutes=-1)
     assert ReconcileParameters(late_after_hours=2).threshold("late_after_hours") == timedelta(hours=2)
+
+
+async def test_a_chain_of_orphaned_subflows_ends_in_one_pass(passes, reconcile_server):
+    """Parent cancelled -> child Running -> grandchild Running, both silent: the child is
+    orphaned first, which orphans the grandchild; one pass ends both, the dry run says so,
+    and a second pass finds nothing."""
+    with serving(reconcile_server):
+        parent = await create_flow_run("chain", ["PENDING", "RUNNING"])
+        async with prefect_client() as client:
+            holder = await call(
+                client,
+                "POST",
+                "/task_runs/",
+                json={"flow_run_id": str(parent), "task_key": "child", "dynamic_key": "0"},
+            )
+            child = await create_flow_run("chain", ["PENDING", "RUNNING"], parent_task_run_id=holder["id"])
+            holder = await call(
+                client,
+                "POST",
+                "/task_runs/",
+                json={"flow_run_id": str(child), "task_key": "grandchild", "dynamic_key": "0"},
+            )
+            grandchild = await create_flow_run(
+                "chain", ["PENDING", "RUNNING"], parent_task_run_id=holder["id"]
+            )
+            for state in ("CANCELLING", "CANCELLED"):
+                await call(
+                    client,
+                    "POST",
+                    f"/flow_runs/{parent}/set_state",
+                    json={"state": {"type": state, "name": state.title()}, "force": True},
+                )
+        await move_back(passes.database_url, [parent, child, grandchild], hours=2)
+        dry = await reconcile_stuck_runs(dry_run=True, flow_names=["chain"])
+        real = await reconcile_stuck_runs(flow_names=["chain"])
+        second = await reconcile_stuck_runs(flow_names=["chain"])
+    assert set(dry.rule("orphaned-subflow").ids("would fix")) == {child, grandchild}
+    assert set(real.rule("orphaned-subflow").ids("fixed")) == {child, grandchild}
+    assert second.found == 0
+    states = await run_states(passes.database_url)
+    assert states[child].state_type == states[grandchild].state_type == "CANCELLED"

@@ -72,6 +72,14 @@ class RuleReport(BaseModel):
         else:
             self.left += 1
 
+    def absorb(self, deeper: RuleReport) -> None:
+        """Add what the same rule found and did one level further down the tree."""
+        self.found += deeper.found
+        self.unreadable += deeper.unreadable
+        for action in deeper.runs:
+            self.record(action)
+        self.notes += deeper.notes
+
     def ended_flow_runs(self) -> dict[UUID, str]:
         """Flow runs this rule ended (or would end), with the state type they end in."""
         return {

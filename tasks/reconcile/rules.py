@@ -123,6 +123,9 @@ class Rule:
     # Through the API the runs this rule exists for cannot be read at all: the ones that
     # fail to load are counted as found, and their ids are learnt when they are repaired.
     unreadable_are_found: bool = False
+    # A run this rule ends can make its own subflows match the rule: the rule is applied
+    # again, one level further down the tree, until nothing new is found.
+    follows_the_tree_down: bool = False
 
     def is_enabled(self, parameters: ReconcileParameters) -> bool:
         return self.threshold is None or getattr(parameters, self.threshold) is not None
@@ -357,6 +360,7 @@ RULES: tuple[Rule, ...] = (
             heartbeats=True,
         ),
         judge=judge_orphaned_subflow,
+        follows_the_tree_down=True,
     ),
     Rule(
         name="open-task-run",

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -199,6 +200,20 @@ def format_number(value: float | None) -> str:
     if float(value).is_integer():
         return f"{int(value):,}"
     return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def report_results(
+    module: str,
+    argv: list[str] | None,
+    json_path: Path | None,
+    results: dict[str, Any],
+    to_markdown: Callable[[Mapping[str, Any]], str],
+) -> int:
+    """Record the command that made the results, write them as JSON, print the table."""
+    results["command"] = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    write_json(json_path, results)
+    print(to_markdown(results))
+    return 0
 
 
 def write_json(path: Path | None, results: Mapping[str, Any]) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shlex
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -25,10 +23,10 @@ from bench.harness import (
     flush_flow_logs,
     format_number,
     machine_and_versions,
+    report_results,
     show_progress,
     targets_table,
     where_and_how,
-    write_json,
 )
 from bench.population import DATABASE, add_population_options, ensure_population
 from flows.db_health import db_health_report
@@ -134,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     show_progress()
     with bench_server(args.state_dir, DATABASE, fresh=args.fresh) as server:
         results = asyncio.run(benchmark(server.database_url, args.runs, args.passes, args.exact))
-    results["command"] = shlex.join(
-        ["python", "-m", "bench.health", *(sys.argv[1:] if argv is None else argv)]
-    )
-    write_json(args.json, results)
-    print(to_markdown(results))
-    return 0
+    return report_results("bench.health", argv, args.json, results, to_markdown)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,10 +43,10 @@ from bench.harness import (
     format_number,
     machine_and_versions,
     ratio,
+    report_results,
     show_progress,
     targets_table,
     where_and_how,
-    write_json,
 )
 from bench.probe import Probe
 from bench.slices import KEPT, OLDER_THAN_DAYS, count_slice, runs_in_states, seed_slices, settle
@@ -406,12 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory() as scratch,
     ):
         results = asyncio.run(benchmark(server, options, Path(scratch) / "probe-samples.txt"))
-    results["command"] = shlex.join(
-        ["python", "-m", "bench.retention", *(sys.argv[1:] if argv is None else argv)]
-    )
-    write_json(args.json, results)
-    print(to_markdown(results))
-    return 0
+    return report_results("bench.retention", argv, args.json, results, to_markdown)
 
 
 if __name__ == "__main__":

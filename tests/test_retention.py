@@ -25,6 +25,7 @@ from prefect.states import Scheduled
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from flows.retention import retention
+from localstack.orphans import count_orphans
 from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, prefect_client
@@ -85,23 +86,6 @@ async def owned_rows(run_ids) -> dict[str, int]:
         "SELECT count(*) FROM flow_run_state WHERE flow_run_id = ANY(:ids)", ids=ids
     )
     return counts
-
-
-async def orphans() -> dict[str, int]:
-    """Rows whose owner is gone, in every table a flow run owns."""
-    checks = {
-        "log": "SELECT count(*) FROM log l WHERE l.flow_run_id IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = l.flow_run_id)",
-        "artifact": "SELECT count(*) FROM artifact a WHERE a.flow_run_id IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = a.flow_run_id)",
-        "artifact_collection": "SELECT count(*) FROM artifact_collection c "
-        "WHERE NOT EXISTS (SELECT 1 FROM artifact a WHERE a.id = c.latest_id)",
-        "task_run_state_cache": "SELECT count(*) FROM task_run_state_cache c "
-        "WHERE NOT EXISTS (SELECT 1 FROM task_run_state s WHERE s.id = c.task_run_state_id)",
-        "task_run": "SELECT count(*) FROM task_run t "
-        "WHERE NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = t.flow_run_id)",
-    }
-    return {table: await scalar(sql) for table, sql in checks.items()}
 
 
 async def would_delete(engine: str, **values) -> set[uuid.UUID]:
@@ -234,7 +218,7 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_retention
     assert report.rows_deleted["artifact_collection re-pointed"] == 1
     assert await existing(seeded) == seeded - expected
     assert await owned_rows(expected) == {"task_run": 0, "log": 0, "artifact": 0, "flow_run_state": 0}
-    assert await orphans() == dict.fromkeys(await orphans(), 0)
+    assert await count_orphans() == dict.fromkeys(await count_orphans(), 0)
     # The running subflow under the old failed parent still has its parent: no fake top-level run.
     assert await scalar(
         "SELECT parent_task_run_id IS NOT NULL FROM flow_run WHERE id = :id",
@@ -290,7 +274,7 @@ async def test_the_api_engine_purges_the_same_way(on_retention_server):
         await scalar("SELECT count(*) FROM artifact WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
     )
     # The server re-pointed or removed the collections of the deleted artifacts...
-    assert (await orphans())["artifact_collection"] == 0
+    assert (await count_orphans())["artifact_collection"] == 0
     # ...and deletes the runs' logs itself, in the background.
     for _ in range(600):
         if not await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)):
@@ -352,7 +336,7 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
         await connection.commit()
     inserted_events = "SELECT count(*) FROM events WHERE resource_id = 'prefect.flow-run.x'"
     # Besides these, the cache rows of the runs the API engine deleted: the API cannot delete them.
-    found = await orphans()
+    found = await count_orphans()
     assert found["log"] == 7 and found["artifact"] == 1 and found["task_run_state_cache"] >= 1
 
     options = {"engine": "sql", "include_orphans": True, "max_runs_per_second": 0, "vacuum": True}
@@ -360,7 +344,7 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
     assert dry.orphan_rows_deleted == {table: count for table, count in sorted(found.items()) if count}
     assert dry.event_rows_deleted == {"event_resources": 2, "events": 2}
     assert await scalar(inserted_events) == 3
-    assert await orphans() == found
+    assert await count_orphans() == found
 
     report = await retention(**options)
     assert report.orphan_rows_deleted == {**dry.orphan_rows_deleted, "artifact_collection": 1}
@@ -368,7 +352,7 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
     assert {"log", "artifact", "artifact_collection", "events", "event_resources"} <= set(
         report.vacuumed_tables
     )
-    assert await orphans() == dict.fromkeys(await orphans(), 0)
+    assert await count_orphans() == dict.fromkeys(await count_orphans(), 0)
     remaining = await rows(
         "SELECT event, occurred > now() - interval '3 days' AS young FROM events WHERE resource_id = 'prefect.flow-run.x'"
     )

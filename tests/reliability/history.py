@@ -227,21 +227,6 @@ async def dangling_collections(keys: Iterable[str]) -> int:
     )
 
 
-async def orphans_in_database() -> dict[str, int]:
-    """Rows whose owner is gone, in every table a deleted flow run leaves rows in."""
-    checks = {
-        "log": "SELECT count(*) FROM log l WHERE l.flow_run_id IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = l.flow_run_id)",
-        "artifact": "SELECT count(*) FROM artifact a WHERE a.flow_run_id IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM flow_run f WHERE f.id = a.flow_run_id)",
-        "artifact_collection": "SELECT count(*) FROM artifact_collection c "
-        "WHERE NOT EXISTS (SELECT 1 FROM artifact a WHERE a.id = c.latest_id)",
-        "task_run_state_cache": "SELECT count(*) FROM task_run_state_cache c "
-        "WHERE NOT EXISTS (SELECT 1 FROM task_run_state s WHERE s.id = c.task_run_state_id)",
-    }
-    return {table: await scalar(sql) for table, sql in checks.items()}
-
-
 async def wait_for(condition, *, what: str, attempts: int = 600, pause: float = 0.05):
     """Poll `condition()` (async) until it returns something truthy; bounded in attempts."""
     for _ in range(attempts):

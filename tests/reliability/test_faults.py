@@ -23,7 +23,6 @@ from history import (
     dangling_collections,
     existing,
     old_finished_runs,
-    orphans_in_database,
     owned_rows,
     rows,
     session_waiting_for_a_lock,
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from flows.reconcile import reconcile_stuck_runs
 from flows.retention import RetentionFailed, retention
+from localstack.orphans import count_orphans
 from tasks.database import APPLICATION_NAME
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.retention.policy import GONE_OR_BUSY
@@ -357,9 +357,9 @@ async def test_a_server_restart_during_an_api_purge_is_finished_by_a_rerun_and_t
     rerun = await retention(engine="api", **scope)
     assert rerun.stopped_reason == "finished"
     assert not await existing(history.ids)
-    left_behind = await orphans_in_database()
+    left_behind = await count_orphans()
     sweep = await retention(engine="sql", include_orphans=True, **scope)
-    assert await orphans_in_database() == dict.fromkeys(left_behind, 0)
+    assert await count_orphans() == dict.fromkeys(left_behind, 0)
     assert await owned_rows(history.ids) == {"flow_run_state": 0, "task_run": 0, "log": 0, "artifact": 0}
     assert await dangling_collections(["restart-purge-report"]) == 0
     with capsys.disabled():

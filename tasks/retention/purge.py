@@ -10,7 +10,9 @@ what remains.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import gc
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -51,6 +53,33 @@ async def delete_batch(
 
 
 async def purge_expired_runs(
+    engine: Engine,
+    policy: RetentionPolicy,
+    parameters: RetentionParameters,
+    throttle: Throttle,
+    deadline: Deadline,
+) -> PurgeResult:
+    with heap_frozen():
+        return await _purge(engine, policy, parameters, throttle, deadline)
+
+
+@contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Leave the objects alive now (Prefect's and ours, hundreds of thousands) out of full
+    garbage collections until the block ends.
+
+    Every batch reads and drops thousands of rows; without this, a full collection walks
+    the whole heap every few batches (measured: 150 ms each, against 20 ms for reading
+    5,000 runs).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def _purge(
     engine: Engine,
     policy: RetentionPolicy,
     parameters: RetentionParameters,

@@ -310,9 +310,21 @@ async def test_growth_since_the_previous_report(on_health_server, psql):
     assert any(line.startswith("health_probe_growth") and "(+" in line for line in markdown.splitlines())
 
 
-async def test_messy_prefect_history_shows_up_as_backlog(on_health_server):
+async def test_messy_prefect_history_shows_up_as_backlog(on_health_server, psql):
     await seed_messy_history(on_health_server.database_url, prefix="health")
     report, _ = await run_report()
+
+    # Top-level runs in a terminal state whose age (end time, else state time, else due time,
+    # else creation) is past the default 30 days.
+    past_retention = int(
+        psql(
+            "SELECT count(*) FROM flow_run WHERE parent_task_run_id IS NULL AND state_id IS NOT NULL "
+            "AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED') "
+            "AND coalesce(end_time, state_timestamp, expected_start_time, created) < now() - interval '30 days'"
+        )
+    )
+    assert past_retention > 0
+    assert report.findings["expired_runs"][0]["value"] == past_retention
 
     stuck = {row["object"]: row["value"] for row in report.findings["stuck_runs"]}
     assert sum(stuck.values()) > 0

@@ -2,7 +2,8 @@
 of Prefect's own cleanup services.
 
 Runs past retention and stuck runs are counted by the retention and reconcile flows' own
-selection code, so the report and those flows always agree. Prefect's settings come from
+selection code, so the report and those flows always agree (runs past retention by one
+count query: the top-level runs, whose subflows go with them). Prefect's settings come from
 `GET /api/admin/settings` of the server that answers (secrets are masked by Prefect; only
 the cleanup-related values are read).
 """
@@ -20,7 +21,7 @@ from tasks.health.statements import rows_of
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.detect import count_stuck_runs
 from tasks.retention.parameters import RetentionParameters
-from tasks.retention.selection import count_expired_runs
+from tasks.retention.selection import count_expired_top_level_runs
 
 if TYPE_CHECKING:
     from tasks.health.checks import Probe
@@ -39,8 +40,8 @@ EVENTS_PER_DAY_SQL = {
     """,
 }
 
-# The retention and reconcile flows count by walking their own selection, which takes time
-# proportional to the backlog; the report waits this long for each count so that it stays
+# Counting stuck runs walks the reconcile flow's own selection, which takes time
+# proportional to what it finds; the report waits this long for each count so that it stays
 # a quick daily look even on a database holding millions of runs.
 COUNT_BUDGET_SECONDS = 8.0
 
@@ -49,9 +50,9 @@ _durations = TypeAdapter(timedelta)
 
 async def expired_runs(probe: Probe) -> list[dict[str, Any]]:
     retention = f"{RetentionParameters().older_than_days:g} days"
-    count = await _within_budget(probe, "Runs past the default retention", count_expired_runs())
+    count = await _within_budget(probe, "Runs past the default retention", count_expired_top_level_runs())
     if count is None:
-        return [{"object": "flow runs", "value": "not counted", "retention": retention}]
+        return [{"object": "top-level flow runs", "value": "not counted", "retention": retention}]
     settings = await prefect_settings(probe)
     vacuum = (settings or {}).get("server", {}).get("services", {}).get("db_vacuum", {})
     if "flow_runs" in set(vacuum.get("enabled") or ()):
@@ -63,7 +64,7 @@ async def expired_runs(probe: Probe) -> list[dict[str, Any]]:
         server_vacuum = "Prefect's own db_vacuum service does not delete runs on this server."
     return [
         {
-            "object": "flow runs",
+            "object": "top-level flow runs",
             "value": count,
             "retention": retention,
             "server_vacuum": server_vacuum,

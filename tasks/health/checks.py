@@ -467,7 +467,8 @@ CHECKS: tuple[Check, ...] = (
         "Runs past the default retention",
         backlog.expired_runs,
         Positive("info"),
-        "{value} finished runs are older than the default retention ({retention}). "
+        "{value} finished top-level runs (with their subflows) are older than the default "
+        "retention ({retention}). "
         "Run the retention deployment (a dry run first: dry_run=true); {server_vacuum}",
         unit="runs",
         backends=("postgresql", "sqlite"),

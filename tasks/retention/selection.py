@@ -4,7 +4,7 @@
 when asked for), else the API engine. `build_policy` resolves names and the runs kept by
 `keep_last_per_deployment` once, read-only. `expired_batches` streams candidate runs from
 the engine and keeps those the policy selects. `count_expired_runs` is a dry run that only
-counts, for the health report.
+counts; `count_expired_top_level_runs` is one count query, for the health report.
 """
 
 from __future__ import annotations
@@ -121,3 +121,17 @@ async def count_expired_runs(parameters: RetentionParameters | None = None) -> i
         async for batch in expired_batches(engine, policy, parameters.batch_size):
             total += len((await engine.process_batch(batch.runs, policy, dry_run=True)).runs)
         return total
+
+
+async def count_expired_top_level_runs(parameters: RetentionParameters | None = None) -> int:
+    """How many top-level flow runs are past retention with these parameters, by one count
+    query (one per API filter without database access): quick on any database.
+
+    The same candidates the flow walks (its progress counts against this number). Exact for
+    policies the database decides alone, as the defaults are; with `tags`, `exclude_tags`,
+    `keep_last_per_deployment` or `per_state_days` an upper bound. Subflows, which go with
+    their top-level run, are not counted; `count_expired_runs` counts exactly, by walking.
+    """
+    parameters = parameters or RetentionParameters()
+    async with open_engine(parameters.engine, Throttle(0)) as engine:
+        return await engine.count_candidates(await build_policy(engine, parameters))

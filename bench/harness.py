@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect.logging.handlers import APILogHandler
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlalchemy import text
 
+from localstack.client import pointed_at
 from localstack.stack import PROJECT_ROOT, Postgres, PrefectServer, free_port
 from tasks.database import connect
 from tasks.reports import markdown_table
-from tasks.settings import get_settings
 
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".local" / "bench"
 
@@ -72,28 +71,11 @@ def bench_server(state_dir: Path, database: str, *, fresh: bool) -> Iterator[Pre
             postgres.drop_database(database)
         postgres.create_database(database)
         server.start()
-        with pointed_at(server):
+        with pointed_at(server.api_url, server.database_url):
             yield server
     finally:
         server.stop()
         postgres.stop()
-
-
-@contextlib.contextmanager
-def pointed_at(server: PrefectServer) -> Iterator[None]:
-    """The Prefect client and the maintenance settings talk to `server` inside this block."""
-    saved = os.environ.get("MAINTENANCE_DATABASE_URL")
-    os.environ["MAINTENANCE_DATABASE_URL"] = server.database_url
-    get_settings(refresh=True)
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("MAINTENANCE_DATABASE_URL", None)
-        else:
-            os.environ["MAINTENANCE_DATABASE_URL"] = saved
-        get_settings(refresh=True)
 
 
 async def flush_flow_logs() -> None:

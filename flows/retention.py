@@ -4,8 +4,9 @@ Nightly (deployment `retention/nightly`) or by hand (`retention/ad-hoc`, a dry r
 told otherwise). In order: validate the parameters; pick the engine (SQL when the database
 is reachable, else the API); resolve the policy; delete the expired runs batch by batch,
 paced by the throttle and stopped at a batch boundary when `max_minutes` is up; sweep
-orphans; delete old events; vacuum what was deleted from; publish the `retention-report`
-artifact and return the report.
+orphans; delete old events; vacuum what was deleted from; with the API engine, wait for
+the server to delete the deleted runs' logs; publish the `retention-report` artifact and
+return the report.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from prefect import flow, get_run_logger
 from tasks.retention.parameters import EngineChoice, RetentionParameters, TerminalState
 from tasks.retention.purge import (
     delete_old_events,
+    heap_frozen,
     limitations,
     purge_expired_runs,
     resolve_policy,
     sweep_orphans,
     vacuum_tables,
+    wait_for_log_deletion,
 )
 from tasks.retention.rate_limit import Deadline, Throttle
 from tasks.retention.report import RetentionReport
@@ -123,14 +126,18 @@ async def retention(
         logger.info("Retention with the %s engine%s", chosen.name, " (dry run)" if parameters.dry_run else "")
         policy = await resolve_policy(chosen, parameters)
         async with nullcontext() if parameters.dry_run else chosen.exclusive():
-            purge = await purge_expired_runs(chosen, policy, parameters, throttle, deadline)
+            with heap_frozen():
+                purge = await purge_expired_runs(chosen, policy, parameters, throttle, deadline)
             orphans = await sweep_orphans(chosen, parameters, deadline)
             events = await delete_old_events(chosen, parameters, deadline)
             vacuumed = await vacuum_tables(chosen, parameters, [purge.totals.rows, orphans, events])
+            logs_queued = await wait_for_log_deletion(chosen, parameters)
         flow_names_by_id, deployment_names_by_id = await chosen.names_of(
             purge.totals.flow_ids, purge.totals.deployment_ids
         )
-    notes = limitations(chosen, parameters) + ([f"Stopped by an error: {purge.error}"] if purge.error else [])
+    notes = limitations(chosen, parameters, logs_queued) + (
+        [f"Stopped by an error: {purge.error}"] if purge.error else []
+    )
     report = RetentionReport.build(
         purge.totals,
         flow_names=flow_names_by_id,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
+from pydantic import AfterValidator
 
 # The API returns at most this many rows per filter call.
 PAGE_SIZE = 200
@@ -21,6 +22,17 @@ PAGE_SIZE = 200
 BULK_LIMIT = 50
 # The event a running flow emits every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds.
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+
+
+def _flow_slash_deployment(name: str) -> str:
+    flow_name, slash, deployment_name = name.partition("/")
+    if not (flow_name and slash and deployment_name):
+        raise ValueError(f"{name!r} is not of the form 'flow-name/deployment-name'")
+    return name
+
+
+# How Prefect names a deployment across flows; checked where parameters are validated.
+DeploymentName = Annotated[str, AfterValidator(_flow_slash_deployment)]
 
 
 class PrefectApiError(RuntimeError):

@@ -34,10 +34,9 @@ for _name in (
 
 import pytest  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
-from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
+from localstack.client import pointed_at  # noqa: E402
 from localstack.stack import PrefectServer, Stack, free_port  # noqa: E402
-from tasks.settings import get_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,26 +51,13 @@ def stack() -> Iterator[Stack]:
 @contextmanager
 def use_server(api_url: str, database_url: str | None) -> Iterator[None]:
     """Point the Prefect client at `api_url` and the maintenance settings at `database_url`."""
-    saved = os.environ.get("MAINTENANCE_DATABASE_URL")
-    if database_url is None:
-        os.environ.pop("MAINTENANCE_DATABASE_URL", None)
-    else:
-        os.environ["MAINTENANCE_DATABASE_URL"] = database_url
-    get_settings(refresh=True)
-    try:
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            try:
-                yield
-            finally:
-                # Send the test's queued flow-run logs while this server still answers;
-                # otherwise Prefect's log sender retries a stopped server at exit.
-                _drain_logs()
-    finally:
-        if saved is None:
-            os.environ.pop("MAINTENANCE_DATABASE_URL", None)
-        else:
-            os.environ["MAINTENANCE_DATABASE_URL"] = saved
-        get_settings(refresh=True)
+    with pointed_at(api_url, database_url):
+        try:
+            yield
+        finally:
+            # Send the test's queued flow-run logs while this server still answers;
+            # otherwise Prefect's log sender retries a stopped server at exit.
+            _drain_logs()
 
 
 def _drain_logs() -> None:
@@ -145,6 +131,19 @@ def module_server_factory(stack: Stack) -> Iterator[ServerFactory]:
 @contextmanager
 def serving(server: PrefectServer) -> Iterator[PrefectServer]:
     with use_server(server.api_url, server.database_url):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_server(module_server_factory) -> PrefectServer:
+    """One isolated Prefect server (PostgreSQL) for the tests of a module."""
+    return module_server_factory()
+
+
+@pytest.fixture
+def on_module_server(module_server) -> Iterator[PrefectServer]:
+    """The test talks to its module's server."""
+    with serving(module_server) as server:
         yield server
 
 

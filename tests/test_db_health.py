@@ -13,7 +13,7 @@ import math
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import serving, use_server
+from conftest import use_server
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import text
 
@@ -30,26 +30,14 @@ BLOAT_TABLE = "health_probe_bloat"
 LOCK_TABLE = "health_probe_lock"
 
 
-@pytest.fixture(scope="module")
-def health_server(module_server_factory):
-    """One isolated Prefect server for this module; its database is where the ground truth is made."""
-    return module_server_factory()
-
-
-@pytest.fixture
-def on_health_server(health_server):
-    with serving(health_server) as server:
-        yield server
-
-
 def database_of(server) -> str:
     return urlsplit(server.database_url).path.lstrip("/")
 
 
 @pytest.fixture(scope="module")
-def psql(stack, health_server):
+def psql(stack, module_server):
     def run(sql: str) -> str:
-        return stack.postgres.psql(sql, database=database_of(health_server))
+        return stack.postgres.psql(sql, database=database_of(module_server))
 
     return run
 
@@ -125,7 +113,7 @@ async def logs_of(flow_run_id: str) -> str:
 
 
 async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20(
-    on_health_server, psql, bloated_table
+    on_module_server, psql, bloated_table
 ):
     # Statistics began minutes ago: only a zero-hour staleness threshold sees the table as stale.
     report, flow_run_id = await run_report(exact=True, top_n=5, thresholds={"autovacuum_stale_hours": 0})
@@ -162,7 +150,7 @@ async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20
     assert f"| 🔴 critical | table_bloat | {bloated_table} |" in flags_section
 
 
-async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_pids(on_health_server, psql):
+async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_pids(on_module_server, psql):
     psql(f"CREATE TABLE {LOCK_TABLE} (id int PRIMARY KEY, value int); INSERT INTO {LOCK_TABLE} VALUES (1, 0)")
     waiter_pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -211,7 +199,7 @@ async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_p
     assert (connections.severity, connections.threshold) == ("warning", 1)
 
 
-async def test_a_deadlock_is_flagged_once_then_counted_as_old(on_health_server, psql):
+async def test_a_deadlock_is_flagged_once_then_counted_as_old(on_module_server, psql):
     psql(
         "CREATE TABLE health_probe_deadlock (id int PRIMARY KEY, value int); "
         "INSERT INTO health_probe_deadlock VALUES (1, 0), (2, 0)"
@@ -232,7 +220,7 @@ async def test_a_deadlock_is_flagged_once_then_counted_as_old(on_health_server, 
         await second.rollback()
 
     after_deadlock, _ = await run_report()
-    deadlock = flags_of(after_deadlock, "deadlocks")[database_of(on_health_server)]
+    deadlock = flags_of(after_deadlock, "deadlocks")[database_of(on_module_server)]
     assert (deadlock.severity, deadlock.value) == ("warning", 1)
     assert "since the previous report" in deadlock.advice and "one worker per queue" in deadlock.advice
     next_day, _ = await run_report()
@@ -241,10 +229,10 @@ async def test_a_deadlock_is_flagged_once_then_counted_as_old(on_health_server, 
 
 
 async def test_report_as_the_read_only_report_role_never_writes_and_never_leaks(
-    stack, health_server, psql, bloated_table
+    stack, module_server, psql, bloated_table
 ):
     # The role a deployment gives the report: docker/roles.sql's maintenance_report.
-    database = database_of(health_server)
+    database = database_of(module_server)
     stack.postgres.psql_file(
         ROLES_SQL, database, {"MAINTENANCE_PURGE_PASSWORD": "unused", "MAINTENANCE_REPORT_PASSWORD": PASSWORD}
     )
@@ -257,7 +245,7 @@ async def test_report_as_the_read_only_report_role_never_writes_and_never_leaks(
     )
     writes_before = psql(writes)
 
-    with use_server(health_server.api_url, reader_url):
+    with use_server(module_server.api_url, reader_url):
         report, flow_run_id = await run_report(exact=True, top_n=3)
         artifacts = await artifacts_of(flow_run_id)
         logs = await logs_of(flow_run_id)
@@ -278,9 +266,9 @@ async def test_report_as_the_read_only_report_role_never_writes_and_never_leaks(
         assert secret not in everything
 
     unreachable_url = (
-        f"postgresql+asyncpg://{role}:{PASSWORD}@/{database_of(health_server)}?host=/nonexistent"
+        f"postgresql+asyncpg://{role}:{PASSWORD}@/{database_of(module_server)}?host=/nonexistent"
     )
-    with use_server(health_server.api_url, unreachable_url):
+    with use_server(module_server.api_url, unreachable_url):
         unreachable, flow_run_id = await run_report()
         artifacts = await artifacts_of(flow_run_id)
     assert [flag.check for flag in unreachable.flags] == ["database_reachable"]
@@ -289,14 +277,14 @@ async def test_report_as_the_read_only_report_role_never_writes_and_never_leaks(
     assert PASSWORD not in shown and unreachable_url not in shown
 
 
-async def test_unknown_threshold_fails_the_run_before_anything_is_read(on_health_server):
+async def test_unknown_threshold_fails_the_run_before_anything_is_read(on_module_server):
     state = await run_flow(thresholds={"tabel_bloat_percent": 30})
     assert state.is_failed()
     assert "parameter thresholds.tabel_bloat_percent: unknown threshold" in state.message
     assert not await artifacts_of(str(state.state_details.flow_run_id))
 
 
-async def test_growth_since_the_previous_report(on_health_server, psql):
+async def test_growth_since_the_previous_report(on_module_server, psql):
     psql("CREATE TABLE health_probe_growth (id bigint, payload text)")
     await run_report(top_n=50)
     psql("INSERT INTO health_probe_growth SELECT g, repeat('x', 500) FROM generate_series(1, 20000) AS g")
@@ -310,8 +298,8 @@ async def test_growth_since_the_previous_report(on_health_server, psql):
     assert any(line.startswith("health_probe_growth") and "(+" in line for line in markdown.splitlines())
 
 
-async def test_messy_prefect_history_shows_up_as_backlog(on_health_server, psql):
-    await seed_messy_history(on_health_server.database_url, prefix="health")
+async def test_messy_prefect_history_shows_up_as_backlog(on_module_server, psql):
+    await seed_messy_history(on_module_server.database_url, prefix="health")
     report, _ = await run_report()
 
     # Top-level runs in a terminal state whose age (end time, else state time, else due time,

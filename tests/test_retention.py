@@ -270,6 +270,17 @@ async def test_the_api_engine_purges_the_same_way(on_module_server):
     assert (await retention(engine="api", **scope)).flow_runs_deleted == 0
 
 
+async def insert_logs(connection, flow_run_id: uuid.UUID, count: int) -> None:
+    """Log rows of a flow run, written as the server writes them."""
+    await connection.execute(
+        sa.text(
+            "INSERT INTO log (id, name, level, flow_run_id, message, timestamp) "
+            "SELECT gen_random_uuid(), 'x', 20, :run, 'a log line', now() FROM generate_series(1, :count)"
+        ),
+        {"run": flow_run_id, "count": count},
+    )
+
+
 async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
     on_module_server, monkeypatch
 ):
@@ -277,17 +288,17 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
     # A deleted run whose queued log deletion the server lost (say, in a restart).
     lost = uuid.uuid4()
     async with connect() as connection:
-        await connection.execute(
-            sa.text(
-                "INSERT INTO log (id, name, level, flow_run_id, message, timestamp) "
-                "VALUES (gen_random_uuid(), 'x', 20, :lost, 'never deleted', now())"
-            ),
-            {"lost": lost},
-        )
+        await insert_logs(connection, lost, 1)
         await connection.commit()
-    async with ApiEngine.open(Throttle(0), concurrency=2) as engine:
-        engine._logs_queued[lost] = None
-        assert await engine.wait_for_log_deletion() == 1
+    try:
+        async with ApiEngine.open(Throttle(0), concurrency=2) as engine:
+            engine._logs_queued[lost] = None
+            assert await engine.wait_for_log_deletion() == 1
+    finally:
+        # The other tests of this module count orphans.
+        async with connect() as connection:
+            await connection.execute(sa.text("DELETE FROM log WHERE flow_run_id = :lost"), {"lost": lost})
+            await connection.commit()
     notes = limitations(engine, RetentionParameters(engine="api"), logs_queued=1)
     assert any("up to 1 deleted runs were still in the server's deletion queue" in note for note in notes)
 
@@ -295,13 +306,7 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
 async def test_orphans_and_old_events_are_swept_in_batches(on_module_server):
     gone = uuid.uuid4()
     async with connect() as connection:
-        await connection.execute(
-            sa.text(
-                "INSERT INTO log (id, name, level, flow_run_id, message, timestamp) "
-                "SELECT gen_random_uuid(), 'x', 20, :gone, 'orphan', now() FROM generate_series(1, 7)"
-            ),
-            {"gone": gone},
-        )
+        await insert_logs(connection, gone, 7)
         artifact = uuid.uuid4()
         await connection.execute(
             sa.text(

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from time import monotonic
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -29,6 +30,9 @@ from tasks.retention.rate_limit import Deadline, Throttle
 from tasks.retention.report import BatchOutcome, RetentionTotals, StoppedReason
 from tasks.retention.selection import Engine, build_policy, expired_batches
 from tasks.retention.sql_engine import EventRetention, SqlEngine
+
+# The progress artifact moves at most this often.
+PROGRESS_SECONDS = 2.0
 
 
 @dataclass
@@ -104,17 +108,22 @@ async def purge_expired_runs(
 
 
 class BackgroundProgress:
-    """Progress updates that never hold up a batch: at most one in flight, the newest wins."""
+    """Progress updates that never hold up a batch: at most one in flight and one every
+    `PROGRESS_SECONDS` (each costs the server that is also serving the batches), the newest wins."""
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
         self._sending: asyncio.Task[None] | None = None
+        self._sent_at = -PROGRESS_SECONDS
 
     def show(self, percent: float) -> None:
+        if monotonic() - self._sent_at < PROGRESS_SECONDS:
+            return
         if self._sending is not None:
             if not self._sending.done():
                 return
             self._sending.result()  # a failed update surfaces here
+        self._sent_at = monotonic()
         self._sending = asyncio.create_task(self._progress.update(percent))
 
     async def finish(self, percent: float | None) -> None:

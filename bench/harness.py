@@ -168,6 +168,11 @@ def where_and_how(results: Mapping[str, Any]) -> str:
     return line
 
 
+def benchmark_markdown(heading: str, table: str, results: Mapping[str, Any], *notes: str) -> str:
+    """What a benchmark prints: its heading and table, its targets, any notes, where and how it ran."""
+    return "\n\n".join([heading, table, targets_table(results["targets"]), *notes, where_and_how(results)])
+
+
 def targets_table(verdicts: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(
         ["target", "measured", "status"],

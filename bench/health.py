@@ -20,13 +20,12 @@ from typing import Any
 from bench.harness import (
     Target,
     bench_server,
+    benchmark_markdown,
     flush_flow_logs,
     format_number,
     machine_and_versions,
     report_results,
     show_progress,
-    targets_table,
-    where_and_how,
 )
 from bench.population import DATABASE, add_population_options, ensure_population
 from flows.db_health import db_health_report
@@ -109,17 +108,11 @@ def to_markdown(results: dict[str, Any]) -> str:
                 _slowest(results["exact"]),
             )
         )
-    return "\n".join(
-        [
-            f"Health report benchmark: {results['runs']:,} finished runs"
-            + (f", database {human_bytes(size)}" if size else ""),
-            "",
-            markdown_table(["report", "runs in database", "seconds", "verdict", "slowest checks (s)"], rows),
-            "",
-            targets_table(results["targets"]),
-            "",
-            where_and_how(results),
-        ]
+    return benchmark_markdown(
+        f"Health report benchmark: {results['runs']:,} finished runs"
+        + (f", database {human_bytes(size)}" if size else ""),
+        markdown_table(["report", "runs in database", "seconds", "verdict", "slowest checks (s)"], rows),
+        results,
     )
 
 

@@ -30,13 +30,12 @@ from sqlalchemy import text
 from bench.harness import (
     Target,
     bench_server,
+    benchmark_markdown,
     flush_flow_logs,
     format_number,
     machine_and_versions,
     report_results,
     show_progress,
-    targets_table,
-    where_and_how,
 )
 from bench.population import DATABASE, add_population_options, ensure_population
 from flows.reconcile import reconcile_stuck_runs
@@ -228,17 +227,11 @@ def to_markdown(results: dict[str, Any]) -> str:
             format_number(results["reconcile_fix_runs_per_s"]),
         ),
     ]
-    return "\n".join(
-        [
-            f"Reconcile benchmark: {results['runs']:,} finished runs, {sum(results['stuck_runs'].values()):,} "
-            f"stuck ({', '.join(f'{rule} {count}' for rule, count in results['stuck_runs'].items())})",
-            "",
-            markdown_table(["pass", "runs in database", "seconds", "found", "fixed", "fixed/s"], rows),
-            "",
-            targets_table(results["targets"]),
-            "",
-            where_and_how(results),
-        ]
+    return benchmark_markdown(
+        f"Reconcile benchmark: {results['runs']:,} finished runs, {sum(results['stuck_runs'].values()):,} "
+        f"stuck ({', '.join(f'{rule} {count}' for rule, count in results['stuck_runs'].items())})",
+        markdown_table(["pass", "runs in database", "seconds", "found", "fixed", "fixed/s"], rows),
+        results,
     )
 
 

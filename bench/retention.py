@@ -40,14 +40,13 @@ from bench.harness import (
     DEFAULT_STATE_DIR,
     Target,
     bench_server,
+    benchmark_markdown,
     flush_flow_logs,
     format_number,
     machine_and_versions,
     ratio,
     report_results,
     show_progress,
-    targets_table,
-    where_and_how,
 )
 from bench.probe import Probe
 from bench.slices import KEPT, OLDER_THAN_DAYS, count_slice, runs_in_states, seed_slices, settle
@@ -344,32 +343,25 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     rows.append(
         ("(idle)", "", "", "", "", "", "", "", format_number(idle["p50_ms"]), format_number(idle["p99_ms"]))
     )
-    return "\n".join(
-        [
-            f"Retention benchmark: {results['runs']:,} runs seeded, batch size {results['batch_size']}",
-            "",
-            markdown_table(
-                [
-                    "method",
-                    "slice",
-                    "runs deleted",
-                    "seconds",
-                    "runs/s",
-                    "rows/s",
-                    "orphans left",
-                    "runs/s until its logs are gone",
-                    "probe p50 ms",
-                    "probe p99 ms",
-                ],
-                rows,
-            ),
-            "",
-            targets_table(results["targets"]),
-            "",
-            f"Rows of the kept runs intact: {'yes' if results['kept_rows_intact'] else 'NO'}",
-            "",
-            where_and_how(results),
-        ]
+    return benchmark_markdown(
+        f"Retention benchmark: {results['runs']:,} runs seeded, batch size {results['batch_size']}",
+        markdown_table(
+            [
+                "method",
+                "slice",
+                "runs deleted",
+                "seconds",
+                "runs/s",
+                "rows/s",
+                "orphans left",
+                "runs/s until its logs are gone",
+                "probe p50 ms",
+                "probe p99 ms",
+            ],
+            rows,
+        ),
+        results,
+        f"Rows of the kept runs intact: {'yes' if results['kept_rows_intact'] else 'NO'}",
     )
 
 

@@ -43,7 +43,7 @@ worker: install
 
 # Side by side with Prefect's own ways, on an embedded PostgreSQL + Prefect server of their
 # own (state in .local/bench). The population database for reconcile and health (1,000,000
-# runs, about a quarter of an hour to seed) is kept there for the next run.
+# runs, about ten minutes to seed) is kept there for the next run.
 BENCH_RUNS ?= 100000
 BENCH_POPULATION ?= 1000000
 bench: install

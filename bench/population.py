@@ -1,6 +1,6 @@
 """The large database the reconcile and health benchmarks share: N finished runs, nothing stuck.
 
-Seeding a million runs takes a quarter of an hour, so it is done once: the database
+Seeding a million runs takes ten minutes or more, so it is done once: the database
 (`bench_population`, in the benchmark's state folder) is kept between benchmark runs and
 only topped up when it holds fewer seeded runs than asked for. `--fresh` starts over.
 """

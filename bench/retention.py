@@ -49,7 +49,7 @@ from bench.harness import (
     show_progress,
 )
 from bench.probe import Probe
-from bench.slices import KEPT, OLDER_THAN_DAYS, count_slice, runs_in_states, seed_slices, settle
+from bench.slices import KEPT, OLDER_THAN_DAYS, SliceCount, count_slice, runs_in_states, seed_slices, settle
 from flows.retention import retention
 from localstack.stack import PrefectServer
 from tasks.reports import markdown_table
@@ -63,7 +63,7 @@ DEFAULT_IDLE_SECONDS = 20.0
 DEFAULT_LOG_WAIT_SECONDS = 60.0
 # Past that, how long to keep watching, to time when the server has deleted them all: a
 # method that leaves logs to the server is only done then ("runs/s until its logs are gone").
-DEFAULT_CLEAN_WAIT_SECONDS = 300.0
+DEFAULT_LOGS_GONE_WAIT_SECONDS = 300.0
 LOG_POLL_SECONDS = 1.0
 DATABASE = "bench_retention"
 
@@ -191,7 +191,7 @@ class Options:
     batch_size: int = DEFAULT_BATCH_SIZE
     idle_seconds: float = DEFAULT_IDLE_SECONDS
     log_wait_seconds: float = DEFAULT_LOG_WAIT_SECONDS
-    clean_wait_seconds: float = DEFAULT_CLEAN_WAIT_SECONDS
+    logs_gone_wait_seconds: float = DEFAULT_LOGS_GONE_WAIT_SECONDS
 
     def slice_sizes(self) -> dict[str, int]:
         """Runs per method: its share of N unless given; the rest of N is kept."""
@@ -206,8 +206,20 @@ class Options:
         return sizes
 
 
+async def _watch_logs(
+    method: Method, database_url: str, count: SliceCount, waited: float, until_seconds: float
+) -> tuple[SliceCount, float]:
+    """Count the slice again until no log of a deleted run is left or `until_seconds` have been
+    waited in all; the last count, and the seconds waited in all."""
+    while method.logs_follow and count.orphans["log"] and waited < until_seconds:
+        await asyncio.sleep(LOG_POLL_SECONDS)
+        waited += LOG_POLL_SECONDS
+        count = await count_slice(database_url, method.name)
+    return count, waited
+
+
 async def measure_method(
-    method: Method, workload: Workload, probe: Probe, log_wait_seconds: float, clean_wait_seconds: float
+    method: Method, workload: Workload, probe: Probe, log_wait_seconds: float, logs_gone_wait_seconds: float
 ) -> dict[str, Any]:
     """Run one method on its slice; what it deleted, how fast, what it left, how the API felt."""
     database_url = workload.database_url
@@ -220,16 +232,11 @@ async def measure_method(
     window_end = time.time()
     after = await count_slice(database_url, method.name)
     log_orphans_at_end = after.orphans["log"]
-    waited = 0.0
-    while method.logs_follow and after.orphans["log"] and waited < log_wait_seconds:
-        await asyncio.sleep(LOG_POLL_SECONDS)
-        waited += LOG_POLL_SECONDS
-        after = await count_slice(database_url, method.name)
+    after, waited = await _watch_logs(method, database_url, after, 0.0, log_wait_seconds)
     left_after_wait = after
-    while method.logs_follow and after.orphans["log"] and waited < log_wait_seconds + clean_wait_seconds:
-        await asyncio.sleep(LOG_POLL_SECONDS)
-        waited += LOG_POLL_SECONDS
-        after = await count_slice(database_url, method.name)
+    after, waited = await _watch_logs(
+        method, database_url, after, waited, log_wait_seconds + logs_gone_wait_seconds
+    )
     # Logs are what the server deletes after a method returns; other orphans stay for good.
     logs_gone_seconds = seconds + waited if after.orphans["log"] == 0 else None
     await settle(database_url)
@@ -296,7 +303,11 @@ async def benchmark(server: PrefectServer, options: Options, samples_file: Path)
                 continue
             workload = Workload(slices[name], database_url, OLDER_THAN_DAYS, options.batch_size)
             measured = await measure_method(
-                METHODS_BY_NAME[name], workload, probe, options.log_wait_seconds, options.clean_wait_seconds
+                METHODS_BY_NAME[name],
+                workload,
+                probe,
+                options.log_wait_seconds,
+                options.logs_gone_wait_seconds,
             )
             log.info(
                 "%s: %s runs in %.1f s (%s runs/s), %s orphans left, probe p99 %s ms",
@@ -410,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         help="orphaned logs are counted after the server had this long to delete them",
     )
     parser.add_argument(
-        "--clean-wait-seconds",
+        "--logs-gone-wait-seconds",
         type=float,
-        default=DEFAULT_CLEAN_WAIT_SECONDS,
+        default=DEFAULT_LOGS_GONE_WAIT_SECONDS,
         help="then how much longer to watch, to time when every log of the deleted runs is gone",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -426,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         idle_seconds=args.idle_seconds,
         log_wait_seconds=args.log_wait_seconds,
-        clean_wait_seconds=args.clean_wait_seconds,
+        logs_gone_wait_seconds=args.logs_gone_wait_seconds,
     )
     try:
         options.slice_sizes()

@@ -105,15 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Starting embedded PostgreSQL and a Prefect server...")
     stack.up()
     print(f"Prefect UI: {stack.server.ui_url} (API {stack.api_url})")
-    os.environ.update(stack.client_environment())
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from localstack.client import pointed_at
 
-    from tasks.settings import get_settings
-
-    get_settings(refresh=True)
     try:
-        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        with pointed_at(stack.api_url, stack.database_url):
             asyncio.run(story(stack))
     finally:
         if not args.keep_running:

@@ -331,10 +331,6 @@ class Stack:
         assert self.server is not None, "the stack is not up"
         return self.server.api_url
 
-    def client_environment(self) -> dict[str, str]:
-        """What a process needs to talk to this stack: the API and the database."""
-        return {"PREFECT_API_URL": self.api_url, "MAINTENANCE_DATABASE_URL": self.database_url}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localstack.stack", description=__doc__.split("\n")[0])

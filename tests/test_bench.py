@@ -38,7 +38,9 @@ def benchmark_server(module_server_factory):
 
 
 async def test_retention_benchmark_deletes_each_slice_exactly(benchmark_server, tmp_path):
-    options = retention.Options(runs=400, idle_seconds=1.0, log_wait_seconds=30.0, clean_wait_seconds=60.0)
+    options = retention.Options(
+        runs=400, idle_seconds=1.0, log_wait_seconds=30.0, logs_gone_wait_seconds=60.0
+    )
     with serving(benchmark_server):
         results = await retention.benchmark(benchmark_server, options, tmp_path / "probe-samples.txt")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import serving
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from sqlalchemy.engine import make_url
@@ -40,17 +39,6 @@ UNSCHEDULED = {"retention/ad-hoc"}
 RUN_TIMEOUT_SECONDS = 240
 
 
-@pytest.fixture(scope="module")
-def server(module_server_factory):
-    return module_server_factory()
-
-
-@pytest.fixture
-def on_server(server):
-    with serving(server):
-        yield server
-
-
 def make(target: str, server, **environment: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["make", "--no-print-directory", target],
@@ -64,8 +52,8 @@ def make(target: str, server, **environment: str) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def first_deploy(server) -> subprocess.CompletedProcess:
-    result = make("deploy", server)
+def first_deploy(module_server) -> subprocess.CompletedProcess:
+    result = make("deploy", module_server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -76,12 +64,12 @@ def role_url(server, role: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def roles(stack, server) -> dict[str, str]:
-    database = make_url(server.database_url).database
+def roles(stack, module_server) -> dict[str, str]:
+    database = make_url(module_server.database_url).database
     passwords = {"MAINTENANCE_PURGE_PASSWORD": "purge-secret", "MAINTENANCE_REPORT_PASSWORD": "report-secret"}
     for _ in range(2):  # idempotent: applied again after a Prefect upgrade
         stack.postgres.psql_file(ROLES_SQL, database, environment=passwords)
-    return {role: role_url(server, role) for role in ("maintenance_purge", "maintenance_report")}
+    return {role: role_url(module_server, role) for role in ("maintenance_purge", "maintenance_report")}
 
 
 async def deployment_snapshot() -> dict:
@@ -123,7 +111,7 @@ async def deployment_snapshot() -> dict:
     }
 
 
-async def test_deploy_creates_the_four_deployments_on_one_queue(on_server, first_deploy):
+async def test_deploy_creates_the_four_deployments_on_one_queue(on_module_server, first_deploy):
     snapshot = await deployment_snapshot()
     assert snapshot["pools"] == [(POOL, "process", None)]
     assert [(name, limit) for name, limit, _ in snapshot["queues"]] == [("default", None), (QUEUE, 1)]
@@ -146,7 +134,7 @@ async def test_deploy_creates_the_four_deployments_on_one_queue(on_server, first
     assert read_only == {"reconcile-stuck-runs/every-10-minutes", "db-health-report/daily"}
 
 
-async def test_the_custom_run_form_is_typed_and_enforced(on_server, first_deploy):
+async def test_the_custom_run_form_is_typed_and_enforced(on_module_server, first_deploy):
     deployments = (await deployment_snapshot())["deployments"]
     form = deployments["retention/ad-hoc"]["parameter_schema"]["properties"]
     assert form["dry_run"]["type"] == "boolean"
@@ -161,16 +149,16 @@ async def test_the_custom_run_form_is_typed_and_enforced(on_server, first_deploy
             )
 
 
-async def test_deploying_again_changes_nothing(on_server, first_deploy):
+async def test_deploying_again_changes_nothing(on_module_server, first_deploy):
     before = await deployment_snapshot()
-    again = make("deploy", on_server)
+    again = make("deploy", on_module_server)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"work pool '{POOL}': exists" in again.stdout
     assert f"work queue '{QUEUE}': exists, concurrency limit 1" in again.stdout
     assert await deployment_snapshot() == before
 
 
-async def test_deploy_sets_a_changed_queue_limit_back_to_one(on_server, first_deploy):
+async def test_deploy_sets_a_changed_queue_limit_back_to_one(on_module_server, first_deploy):
     async with prefect_client() as client:
         queue = await client.read_work_queue_by_name(QUEUE, work_pool_name=POOL)
         await client.update_work_queue(queue.id, concurrency_limit=4)
@@ -183,7 +171,7 @@ async def test_deploy_sets_a_changed_queue_limit_back_to_one(on_server, first_de
         assert (await client.read_work_queue_by_name(QUEUE, work_pool_name=POOL)).concurrency_limit == 1
 
 
-async def test_roles_report_reads_purge_deletes_neither_reads_secrets(on_server, roles):
+async def test_roles_report_reads_purge_deletes_neither_reads_secrets(on_module_server, roles):
     purge, report = roles["maintenance_purge"], roles["maintenance_report"]
     async with connect(report) as connection:
         assert (await connection.execute(sa.text("SELECT count(*) FROM flow_run"))).scalar() >= 0
@@ -268,14 +256,14 @@ def cli_run(server, deployment: str, *parameters: str) -> str:
     return next(line.split("UUID:")[1].strip() for line in result.stdout.splitlines() if "UUID:" in line)
 
 
-async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_server, first_deploy, roles, tmp_path):
+async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_module_server, first_deploy, roles, tmp_path):
     history = await seed_messy_history(
-        on_server.database_url, prefix="incident", old_runs_per_deployment=1, poison_pill=False
+        on_module_server.database_url, prefix="incident", old_runs_per_deployment=1, poison_pill=False
     )
-    worker = start_worker(on_server, roles, tmp_path / "worker.log")
+    worker = start_worker(on_module_server, roles, tmp_path / "worker.log")
     try:
         cleanup = cli_run(
-            on_server,
+            on_module_server,
             "retention/ad-hoc",
             "-p",
             "dry_run=false",
@@ -284,8 +272,8 @@ async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_server, first_de
             "-p",
             "engine=sql",
         )
-        health = cli_run(on_server, "db-health-report/daily")
-        reconcile = cli_run(on_server, "reconcile-stuck-runs/every-10-minutes", "-p", "dry_run=true")
+        health = cli_run(on_module_server, "db-health-report/daily")
+        reconcile = cli_run(on_module_server, "reconcile-stuck-runs/every-10-minutes", "-p", "dry_run=true")
         runs = await wait_until_final([cleanup, health, reconcile])
     finally:
         stop_worker(worker)
@@ -318,11 +306,11 @@ async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_server, first_de
             assert (await client.read_flow_run(run_id)).state.is_final()
 
 
-async def test_the_worker_refuses_to_start_next_to_another_one(on_server, first_deploy):
+async def test_the_worker_refuses_to_start_next_to_another_one(on_module_server, first_deploy):
     async with prefect_client() as client:
         await client.send_worker_heartbeat(POOL, "someone-elses-worker", heartbeat_interval_seconds=30)
     try:
-        result = make("worker", on_server)
+        result = make("worker", on_module_server)
     finally:
         async with prefect_client() as client:
             await call(client, "DELETE", f"/work_pools/{POOL}/workers/someone-elses-worker")
@@ -330,7 +318,7 @@ async def test_the_worker_refuses_to_start_next_to_another_one(on_server, first_
     assert "another worker is online on work pool 'maintenance': someone-elses-worker" in result.stderr
 
 
-async def test_the_worker_needs_the_pool_from_make_deploy(on_server):
+async def test_the_worker_needs_the_pool_from_make_deploy(on_module_server):
     with pytest.raises(
         DeploymentConfigError, match="work pool 'elsewhere' does not exist: run `make deploy` first"
     ):

@@ -106,14 +106,9 @@ class Passes:
 
 
 @pytest.fixture(scope="module")
-def reconcile_server(module_server_factory):
-    return module_server_factory()
-
-
-@pytest.fixture(scope="module")
-async def passes(reconcile_server) -> Passes:
-    with serving(reconcile_server):
-        database_url = reconcile_server.database_url
+async def passes(module_server) -> Passes:
+    with serving(module_server):
+        database_url = module_server.database_url
         history = await seed_messy_history(database_url, prefix="stuck")
         counts = await count_stuck_runs()
         try:
@@ -225,14 +220,14 @@ async def test_open_task_run_in_a_finished_flow_run_ends_like_it(passes):
     assert all(passes.after_real[task_id].state_type == "CANCELLED" for task_id in wrappers)
 
 
-async def test_the_poison_pill_no_longer_breaks_listing(passes, reconcile_server):
+async def test_the_poison_pill_no_longer_breaks_listing(passes, module_server):
     assert passes.listing_failed_before
     (poisoned,) = passes.history.null_state_timestamp
     assert passes.before[poisoned].state_timestamp is None
     assert passes.after_real[poisoned].state_type == "RUNNING"
     assert passes.after_real[poisoned].state_timestamp is not None
     assert poisoned in passes.real.rule("poison-pill").ids("fixed")
-    with serving(reconcile_server):
+    with serving(module_server):
         assert await list_all_flow_runs() > 0
 
 
@@ -258,8 +253,8 @@ async def test_every_fixed_run_has_a_reconciled_event(passes):
     assert stored == set(fixed)
 
 
-async def test_the_report_is_published_under_its_key(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_the_report_is_published_under_its_key(passes, module_server):
+    with serving(module_server):
         async with prefect_client() as client:
             artifacts = await call(
                 client, "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [REPORT_KEY]}}}
@@ -270,8 +265,8 @@ async def test_the_report_is_published_under_its_key(passes, reconcile_server):
     assert all("Zombie Running" in data and "Late forever" in data for data in texts)
 
 
-async def test_a_run_that_changes_between_detection_and_action_is_skipped(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_a_run_that_changes_between_detection_and_action_is_skipped(passes, module_server):
+    with serving(module_server):
         run_id = await create_flow_run("race", ["PENDING"])
         await move_back(passes.database_url, [run_id], hours=3)
         parameters = ReconcileParameters(flow_names=("race",))
@@ -293,8 +288,8 @@ async def test_a_run_that_changes_between_detection_and_action_is_skipped(passes
     assert (await run_states(passes.database_url))[run_id].state_type == "RUNNING"
 
 
-async def test_max_actions_caps_a_pass_and_the_next_pass_goes_on(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_max_actions_caps_a_pass_and_the_next_pass_goes_on(passes, module_server):
+    with serving(module_server):
         run_ids = [await create_flow_run("capped", ["PENDING"]) for _ in range(3)]
         await move_back(passes.database_url, run_ids, hours=3)
         first = await reconcile_stuck_runs(max_actions=2, flow_names=["capped"])
@@ -307,8 +302,8 @@ async def test_max_actions_caps_a_pass_and_the_next_pass_goes_on(passes, reconci
     assert {states[run_id].state_type for run_id in run_ids} == {"CRASHED"}
 
 
-async def test_max_runtime_crashes_long_runs_only_when_set(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_max_runtime_crashes_long_runs_only_when_set(passes, module_server):
+    with serving(module_server):
         long_run = await create_flow_run("long", ["PENDING", "RUNNING"])
         short_run = await create_flow_run("long", ["PENDING", "RUNNING"])
         await move_back(passes.database_url, [long_run], hours=5)
@@ -322,8 +317,8 @@ async def test_max_runtime_crashes_long_runs_only_when_set(passes, reconcile_ser
     assert states[short_run].state_type == "RUNNING"
 
 
-async def test_orphan_with_a_fresh_heartbeat_or_a_live_parent_is_left(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_orphan_with_a_fresh_heartbeat_or_a_live_parent_is_left(passes, module_server):
+    with serving(module_server):
         parent = await create_flow_run("family", ["PENDING", "RUNNING"])
         async with prefect_client() as client:
             tasks = [
@@ -380,8 +375,8 @@ async def wait_for_heartbeat(database_url: str, run_id: uuid.UUID) -> None:
     raise TimeoutError("the heartbeat event was not stored")
 
 
-async def test_unknown_state_runs_can_be_deleted_through_the_api_but_not_parents(passes, reconcile_server):
-    with serving(reconcile_server):
+async def test_unknown_state_runs_can_be_deleted_through_the_api_but_not_parents(passes, module_server):
+    with serving(module_server):
         lone = await create_flow_run("unknown-delete", ["PENDING", "RUNNING", "COMPLETED"])
         parent = await create_flow_run("unknown-delete", ["PENDING", "RUNNING", "COMPLETED"])
         async with prefect_client() as client:
@@ -428,8 +423,8 @@ async def test_unknown_state_runs_can_be_deleted_through_the_api_but_not_parents
         ("deployment_names", ["no-slash"]),
     ],
 )
-async def test_bad_input_fails_at_once_naming_the_parameter(passes, reconcile_server, parameter, value):
-    with serving(reconcile_server):
+async def test_bad_input_fails_at_once_naming_the_parameter(passes, module_server, parameter, value):
+    with serving(module_server):
         before = await run_states(passes.database_url)
         with pytest.raises(Exception, match=parameter):
             await reconcile_stuck_runs(**{parameter: value})
@@ -448,9 +443,9 @@ async def test_bad_input_fails_at_once_naming_the_parameter(passes, reconcile_se
     ],
 )
 async def test_an_unknown_deployment_or_flow_name_fails_before_anything_is_touched(
-    passes, reconcile_server, scope, message
+    passes, module_server, scope, message
 ):
-    with serving(reconcile_server), pytest.raises(ValueError, match=message):
+    with serving(module_server), pytest.raises(ValueError, match=message):
         await reconcile_stuck_runs(**scope)
 
 
@@ -461,11 +456,11 @@ def test_parameters_reject_bad_values_by_name():
     assert ReconcileParameters(late_after_hours=2).threshold("late_after_hours") == timedelta(hours=2)
 
 
-async def test_a_chain_of_orphaned_subflows_ends_in_one_pass(passes, reconcile_server):
+async def test_a_chain_of_orphaned_subflows_ends_in_one_pass(passes, module_server):
     """Parent cancelled -> child Running -> grandchild Running, both silent: the child is
     orphaned first, which orphans the grandchild; one pass ends both, the dry run says so,
     and a second pass finds nothing."""
-    with serving(reconcile_server):
+    with serving(module_server):
         parent = await create_flow_run("chain", ["PENDING", "RUNNING"])
         async with prefect_client() as client:
             holder = await call(

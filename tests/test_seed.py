@@ -14,20 +14,9 @@ from tasks.prefect_api import PrefectApiError, call, prefect_client
 
 
 @pytest.fixture(scope="module")
-def seeded_server(module_server_factory):
-    return module_server_factory()
-
-
-@pytest.fixture(scope="module")
-async def history(seeded_server) -> MessyHistory:
-    with serving(seeded_server):
-        return await seed_messy_history(seeded_server.database_url, prefix="seedtest")
-
-
-@pytest.fixture
-def on_seeded(seeded_server):
-    with serving(seeded_server) as server:
-        yield server
+async def history(module_server) -> MessyHistory:
+    with serving(module_server):
+        return await seed_messy_history(module_server.database_url, prefix="seedtest")
 
 
 async def runs_by_id(ids) -> dict[str, dict]:
@@ -71,7 +60,7 @@ async def scalar(sql: str, **params):
         return (await connection.execute(statement, params)).scalar_one()
 
 
-async def test_old_finished_runs_own_task_runs_logs_artifacts_and_cache(history, on_seeded):
+async def test_old_finished_runs_own_task_runs_logs_artifacts_and_cache(history, on_module_server):
     now = datetime.now(UTC)
     runs = await runs_by_id(history.old_finished)
     assert len(runs) == len(history.old_finished) >= 12
@@ -112,26 +101,26 @@ async def _deployment_rows(history):
         )
 
 
-async def test_old_tree_is_linked_parent_to_grandchild(history, on_seeded):
+async def test_old_tree_is_linked_parent_to_grandchild(history, on_module_server):
     child, grandchild = history.old_subflows
     assert await parent_of(grandchild) == str(child)
     assert await parent_of(child) in {str(i) for i in history.old_finished}
 
 
-async def test_recent_runs_are_recent(history, on_seeded):
+async def test_recent_runs_are_recent(history, on_module_server):
     runs = await runs_by_id(history.recent_finished)
     assert all(row["state_type"] in TERMINAL_STATES for row in runs.values())
     assert all(row["end_time"] > datetime.now(UTC) - timedelta(days=7) for row in runs.values())
 
 
-async def test_unknown_runs_have_no_state_in_the_api(history, on_seeded):
+async def test_unknown_runs_have_no_state_in_the_api(history, on_module_server):
     runs = await runs_by_id(history.unknown_state)
     assert all(row["state_id"] is None and row["state_type"] == "COMPLETED" for row in runs.values())
     for run_id in history.unknown_state:
         assert (await read_run(run_id))["state"] is None
 
 
-async def test_cancelled_parent_with_subflows_stuck_cancelling(history, on_seeded):
+async def test_cancelled_parent_with_subflows_stuck_cancelling(history, on_module_server):
     parent = await read_run(history.cancelled_parent)
     assert parent["state"]["type"] == "CANCELLED"
     for run_id in history.cancelling_subflows:
@@ -144,7 +133,7 @@ async def test_cancelled_parent_with_subflows_stuck_cancelling(history, on_seede
     assert datetime.fromisoformat(fresh["state"]["timestamp"]) > datetime.now(UTC) - timedelta(minutes=30)
 
 
-async def test_pending_runs_stuck_and_fresh(history, on_seeded):
+async def test_pending_runs_stuck_and_fresh(history, on_module_server):
     now = datetime.now(UTC)
     for run_id in history.stuck_pending:
         state = (await read_run(run_id))["state"]
@@ -163,7 +152,7 @@ async def _latest_heartbeat(run_id):
     )
 
 
-async def test_running_runs_zombie_healthy_and_without_heartbeat(history, on_seeded):
+async def test_running_runs_zombie_healthy_and_without_heartbeat(history, on_module_server):
     now = datetime.now(UTC)
     for run_id in history.zombie_running:
         assert (await read_run(run_id))["state"]["type"] == "RUNNING"
@@ -176,7 +165,7 @@ async def test_running_runs_zombie_healthy_and_without_heartbeat(history, on_see
     assert await _latest_heartbeat(silent) is None
 
 
-async def test_late_runs_and_tomorrow(history, on_seeded):
+async def test_late_runs_and_tomorrow(history, on_module_server):
     now = datetime.now(UTC)
     for run_id in history.late:
         run = await read_run(run_id)
@@ -186,7 +175,7 @@ async def test_late_runs_and_tomorrow(history, on_seeded):
     assert datetime.fromisoformat(tomorrow["expected_start_time"]) > now + timedelta(hours=12)
 
 
-async def test_poison_pill_breaks_listing(history, on_seeded):
+async def test_poison_pill_breaks_listing(history, on_module_server):
     runs = await runs_by_id(history.null_state_timestamp)
     assert all(row["state_timestamp"] is None and row["state_type"] == "RUNNING" for row in runs.values())
     async with prefect_client() as client:
@@ -195,13 +184,13 @@ async def test_poison_pill_breaks_listing(history, on_seeded):
     assert raised.value.status_code == 500
 
 
-async def test_terminal_runs_without_end_time(history, on_seeded):
+async def test_terminal_runs_without_end_time(history, on_module_server):
     runs = await runs_by_id(history.terminal_without_end_time)
     assert all(row["end_time"] is None and row["state_type"] in TERMINAL_STATES for row in runs.values())
     assert all(row["state_timestamp"] < datetime.now(UTC) - timedelta(days=60) for row in runs.values())
 
 
-async def test_running_subflow_under_old_finished_parent(history, on_seeded):
+async def test_running_subflow_under_old_finished_parent(history, on_module_server):
     parent = await read_run(history.old_finished_parent)
     assert parent["state"]["type"] == "FAILED"
     assert datetime.fromisoformat(parent["end_time"]) < datetime.now(UTC) - timedelta(days=30)
@@ -210,7 +199,7 @@ async def test_running_subflow_under_old_finished_parent(history, on_seeded):
         assert await parent_of(run_id) == str(history.old_finished_parent)
 
 
-async def test_open_task_runs_inside_finished_flow_runs(history, on_seeded):
+async def test_open_task_runs_inside_finished_flow_runs(history, on_module_server):
     async with prefect_client() as client:
         for task_run_id in history.open_task_runs_in_finished_flow:
             task_run = await call(client, "GET", f"/task_runs/{task_run_id}")

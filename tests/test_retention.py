@@ -281,6 +281,34 @@ async def insert_logs(connection, flow_run_id: uuid.UUID, count: int) -> None:
     )
 
 
+async def test_the_api_engine_deletes_no_more_while_the_servers_log_queue_is_full(
+    on_module_server, monkeypatch
+):
+    monkeypatch.setattr(api_engine, "LOG_QUEUE_RUNS", 0)
+    # A run deleted earlier whose logs the server has not deleted yet.
+    queued = uuid.uuid4()
+    async with connect() as connection:
+        await insert_logs(connection, queued, 2)
+        await connection.commit()
+    ids = await old_runs(3, "log-queue")
+    parameters = RetentionParameters(engine="api", flow_names=("log-queue",))
+    async with open_engine("api", Throttle(0)) as engine:
+        policy = await build_policy(engine, parameters)
+        [batch] = [batch.runs async for batch in expired_batches(engine, policy, 10)]
+        engine._logs_queued[queued] = None
+        deleting = asyncio.create_task(engine.process_batch(batch, policy, dry_run=False))
+        await asyncio.sleep(2)
+        assert not deleting.done() and await existing(ids) == set(ids), "the batch waits for the server"
+        async with connect() as connection:  # the server gets to it
+            await connection.execute(sa.text("DELETE FROM log WHERE flow_run_id = :id"), {"id": queued})
+            await connection.commit()
+        outcome = await deleting
+        assert {run.id for run in outcome.runs} == set(ids)
+        assert await engine.wait_for_log_deletion() == 0
+    assert not await existing(ids)
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 0
+
+
 async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
     on_module_server, monkeypatch
 ):

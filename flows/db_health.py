@@ -11,8 +11,6 @@ read access to Prefect's tables is all it needs. On SQLite (Prefect's default ba
 reports the file, its free pages and per-table sizes, and says what does not apply.
 """
 
-from __future__ import annotations
-
 from prefect import flow, get_run_logger
 
 from tasks.health.models import HealthReport

@@ -7,8 +7,6 @@ end them through the API, skipping runs that changed meanwhile, at most `max_act
 per pass. Publishes the `reconcile-report` artifact and returns the report.
 """
 
-from __future__ import annotations
-
 import time
 from datetime import UTC, datetime
 from uuid import UUID

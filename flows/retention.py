@@ -9,8 +9,6 @@ the server to delete the deleted runs' logs; publish the `retention-report` arti
 return the report.
 """
 
-from __future__ import annotations
-
 from contextlib import nullcontext
 from time import perf_counter
 

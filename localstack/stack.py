@@ -153,6 +153,8 @@ class PrefectServer:
     ui: bool = False
     services_on: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The interpreter whose Prefect serves: another venv runs another Prefect version.
+    python: str = sys.executable
 
     @property
     def api_url(self) -> str:
@@ -192,10 +194,17 @@ class PrefectServer:
         return env
 
     def is_healthy(self) -> bool:
+        """A real route answers. `/api/health` alone is not enough: a server installed with
+        a FastAPI it cannot use answers 200 there and 500 on every other route."""
+        return self.version() is not None
+
+    def version(self) -> str | None:
+        """The server's Prefect version (`GET /api/admin/version`), or None when it does not answer."""
         try:
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+            response = httpx.get(f"{self.api_url}/admin/version", timeout=2)
         except httpx.HTTPError:
-            return False
+            return None
+        return response.json() if response.status_code == 200 else None
 
     def running_pid(self) -> int | None:
         try:
@@ -213,7 +222,7 @@ class PrefectServer:
         with open(self.log_file, "ab") as log_handle:
             process = subprocess.Popen(
                 [
-                    sys.executable,
+                    str(self.python),
                     "-m",
                     "prefect",
                     "server",

@@ -36,6 +36,7 @@ import pytest  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 
 from localstack.client import pointed_at  # noqa: E402
+from localstack.prefect_versions import venv_python  # noqa: E402
 from localstack.stack import PrefectServer, Stack, free_port  # noqa: E402
 
 
@@ -91,8 +92,13 @@ class ServerFactory:
         self.started: list[tuple[PrefectServer, str]] = []
 
     def __call__(
-        self, *, services_on: bool = False, extra_env: dict[str, str] | None = None
+        self,
+        *,
+        services_on: bool = False,
+        extra_env: dict[str, str] | None = None,
+        version: str | None = None,
     ) -> PrefectServer:
+        """A server of this project's Prefect, or of another supported `version` (its own venv)."""
         database = f"prefect_{uuid.uuid4().hex[:10]}"
         self.stack.postgres.create_database(database)
         server = PrefectServer(
@@ -101,6 +107,7 @@ class ServerFactory:
             port=free_port(),
             services_on=services_on,
             extra_env=extra_env or {},
+            **({"python": str(venv_python(version))} if version else {}),
         ).start()
         self.started.append((server, database))
         return server

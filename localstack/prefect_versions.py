@@ -45,17 +45,6 @@ SUPPORTED_VERSIONS = tuple(EXTRA_PINS)
 NEWEST = SUPPORTED_VERSIONS[-1]
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'3.4.25' -> (3, 4, 25); anything after the numbers (a local tag) is ignored."""
-    numbers = []
-    for part in version.split("."):
-        digits = "".join(character for character in part if character.isdigit()) or "0"
-        numbers.append(int(digits))
-        if not part.isdigit():
-            break
-    return tuple(numbers)
-
-
 def requirements_file(version: str) -> Path:
     if version not in EXTRA_PINS:
         raise SystemExit(

@@ -23,6 +23,14 @@ BULK_LIMIT = 50
 # The event a running flow emits every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds.
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
+# The first server version with each behaviour the flows depend on (measured on real
+# servers of each version; the README's support table says what each one changes).
+DELETES_LOGS_OF_DELETED_RUNS = (3, 4, 9)
+EVENT_STREAM_ACCEPTS_AUTH = (3, 6, 14)
+BULK_FLOW_RUN_ROUTES = (3, 6, 16)  # POST /flow_runs/bulk_delete and /flow_runs/bulk_set_state
+DEPLOYMENT_SCHEDULE_REPLACES = (3, 6, 17)
+DB_VACUUM_SETTINGS = (3, 6, 19)  # server.services.db_vacuum in GET /admin/settings
+
 
 def _flow_slash_deployment(name: str) -> str:
     flow_name, slash, deployment_name = name.partition("/")
@@ -64,6 +72,40 @@ async def call(client: PrefectClient, method: str, path: str, json: Any = None, 
     if not response.content:
         return None
     return response.json()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'3.4.25' -> (3, 4, 25); what follows the numbers (a pre-release or local tag) is ignored."""
+    numbers = []
+    for part in version.split("."):
+        digits = ""
+        for character in part:
+            if not character.isdigit():
+                break
+            digits += character
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    return tuple(numbers)
+
+
+_server_versions: dict[str, tuple[int, ...]] = {}
+
+
+async def server_version(client: PrefectClient) -> tuple[int, ...]:
+    """The Prefect version of the server `client` talks to (`GET /admin/version`), asked once
+    per API URL and process."""
+    api_url = str(client.api_url)
+    if api_url not in _server_versions:
+        _server_versions[api_url] = version_tuple(await call(client, "GET", "/admin/version"))
+    return _server_versions[api_url]
+
+
+async def server_has(client: PrefectClient, first_version: tuple[int, ...]) -> bool:
+    """True when the server is at least `first_version` (one of the constants above)."""
+    return await server_version(client) >= first_version
 
 
 async def paginate(

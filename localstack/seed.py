@@ -6,6 +6,7 @@ SQL then moves clocks back and breaks what only a crash can break (a deleted cur
 state, a NULL `state_timestamp`). That SQL is for seeding demo and test databases only.
 
     python -m localstack.seed            # against PREFECT_API_URL + MAINTENANCE_DATABASE_URL
+    python -m localstack.seed --prefix b --json history.json   # the ids seeded, by category
 """
 
 from __future__ import annotations
@@ -496,15 +497,27 @@ async def seed_messy_history(
     return history
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
     from tasks.settings import get_settings
 
+    parser = argparse.ArgumentParser(prog="python -m localstack.seed", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--prefix", default="demo", help="names of the seeded flows, runs and tags start with it"
+    )
+    parser.add_argument("--json", type=Path, help="write the seeded ids, by category, here")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = get_settings()
     if settings.database_url is None:
         raise SystemExit("set MAINTENANCE_DATABASE_URL (seeding moves clocks back with SQL)")
-    history = asyncio.run(seed_messy_history(settings.database_url.get_secret_value()))
+    history = asyncio.run(seed_messy_history(settings.database_url.get_secret_value(), prefix=args.prefix))
+    if args.json:
+        args.json.write_text(json.dumps(dataclasses.asdict(history), default=str, indent=1))
     for name, count in history.counts().items():
         print(f"{name:45} {count}")
     return 0

@@ -121,15 +121,6 @@ async def old_runs(count: int, flow_name: str, *, days: float = 90, logs: int = 
             ),
             {"days": days, "ids": ids},
         )
-        # The API reads a run's state time from its state row, and a 3.4 server writes no
-        # end time for a run created finished.
-        await connection.execute(
-            sa.text(
-                "UPDATE flow_run_state SET timestamp = timestamp - make_interval(days => :days) "
-                "WHERE flow_run_id = ANY(:ids)"
-            ),
-            {"days": days, "ids": ids},
-        )
         await connection.commit()
     return ids
 

@@ -10,53 +10,24 @@ report says what stays. Each time the dry run says beforehand what the real run 
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import sqlalchemy as sa
 from conftest import serving, use_server
 from prefect.client.schemas.objects import StateType
 from prefect.states import Running
+from reliability.history import PlannedRun, create_history
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_retention import QUICK, existing, expected_by_default, old_runs, scalar
+from test_retention import QUICK, existing, expected_by_default, scalar
 
 from flows.retention import retention
 from localstack.orphans import count_orphans
 from localstack.seed import seed_messy_history
-from tasks.prefect_api import call, prefect_client
+from tasks.prefect_api import prefect_client
 from tasks.retention import api_engine
 from tasks.retention.policy import CHANGED
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-
-async def a_finished_subflow(parent_id: uuid.UUID, flow_name: str) -> uuid.UUID:
-    """A Completed subflow of `parent_id`, called from one of its task runs."""
-    async with prefect_client() as client:
-        flow_id = await client.create_flow_from_name(flow_name)
-        task_run = await call(
-            client,
-            "POST",
-            "/task_runs/",
-            json={
-                "flow_run_id": str(parent_id),
-                "task_key": "subflow",
-                "dynamic_key": "0",
-                "name": "subflow",
-                "state": {"type": "COMPLETED", "name": "Completed"},
-            },
-        )
-        subflow = await call(
-            client,
-            "POST",
-            "/flow_runs/",
-            json={
-                "flow_id": str(flow_id),
-                "parent_task_run_id": task_run["id"],
-                "state": {"type": "COMPLETED", "name": "Completed"},
-            },
-        )
-    return uuid.UUID(subflow["id"])
 
 
 async def _wait_for_a_session_waiting_for_a_lock(watcher) -> None:
@@ -77,10 +48,13 @@ async def test_without_bulk_delete_a_run_that_leaves_its_terminal_state_before_i
     fresh_server,
 ):
     server = fresh_server(version="3.4.25")
-    flow_name = "retried-meanwhile"
     with serving(server):
-        tree_root, retried = await old_runs(2, flow_name)
-        subflow = await a_finished_subflow(tree_root, flow_name)
+        # A tree (an old run and its subflow) and another old run.
+        history = await create_history(
+            "retried-meanwhile",
+            [PlannedRun("COMPLETED", 90), PlannedRun("COMPLETED", 0, parent=0), PlannedRun("COMPLETED", 90)],
+        )
+        tree_root, subflow, retried = history.ids
         holder_engine = create_async_engine(server.database_url)
         try:
             async with holder_engine.connect() as holder, holder_engine.connect() as watcher:
@@ -90,7 +64,9 @@ async def test_without_bulk_delete_a_run_that_leaves_its_terminal_state_before_i
                 await holder.execute(
                     sa.text("SELECT id FROM flow_run WHERE id = :id FOR UPDATE"), {"id": subflow}
                 )
-                purge = asyncio.create_task(retention(engine="api", flow_names=[flow_name], **QUICK))
+                purge = asyncio.create_task(
+                    retention(engine="api", flow_names=history.flow_names[:1], **QUICK)
+                )
                 await _wait_for_a_session_waiting_for_a_lock(watcher)
                 # Meanwhile someone retries the other run from the UI.
                 async with prefect_client() as client:

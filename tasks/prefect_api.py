@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
+from prefect.client.base import ServerType
 from prefect.client.orchestration import PrefectClient, get_client
 from pydantic import AfterValidator
 
@@ -30,6 +31,9 @@ EVENT_STREAM_ACCEPTS_AUTH = (3, 6, 14)
 BULK_FLOW_RUN_ROUTES = (3, 6, 16)  # POST /flow_runs/bulk_delete and /flow_runs/bulk_set_state
 DEPLOYMENT_SCHEDULE_REPLACES = (3, 6, 17)
 DB_VACUUM_SETTINGS = (3, 6, 19)  # server.services.db_vacuum in GET /admin/settings
+# Prefect Cloud has no server version to compare (Prefect's own client skips its version
+# check there): it is taken to have every behaviour above.
+CLOUD_VERSION = (999,)
 
 
 def _flow_slash_deployment(name: str) -> str:
@@ -97,6 +101,8 @@ _server_versions: dict[str, tuple[int, ...]] = {}
 async def server_version(client: PrefectClient) -> tuple[int, ...]:
     """The Prefect version of the server `client` talks to (`GET /admin/version`), asked once
     per API URL and process."""
+    if client.server_type == ServerType.CLOUD:
+        return CLOUD_VERSION
     api_url = str(client.api_url)
     if api_url not in _server_versions:
         _server_versions[api_url] = version_tuple(await call(client, "GET", "/admin/version"))

@@ -256,7 +256,10 @@ async def test_the_api_engine_purges_the_same_way(on_module_server):
     assert dry.engine == "api" and dry.flow_runs_deleted == len(expected) == 17
     report = await retention(engine="api", **scope)
     assert report.flow_runs_deleted == len(expected)
-    assert report.rows_deleted == {"artifact": 13, "flow_run": 17} == dry.rows_deleted
+    # With the database configured, the cache rows the API cannot delete go through it.
+    assert (
+        report.rows_deleted == {"artifact": 13, "flow_run": 17, "task_run_state_cache": 3} == dry.rows_deleted
+    )
     assert any("this run waited for it" in note for note in report.notes)
     assert not await existing(expected)
     assert await existing(history.recent_finished) == set(history.recent_finished)
@@ -265,7 +268,7 @@ async def test_the_api_engine_purges_the_same_way(on_module_server):
     )
     # The server re-pointed or removed the collections of the deleted artifacts, and deleted
     # the runs' logs in its background queue before the flow returned.
-    assert (await count_orphans())["artifact_collection"] == 0
+    assert await count_orphans() == dict.fromkeys(await count_orphans(), 0)
     assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
     assert (await retention(engine="api", **scope)).flow_runs_deleted == 0
 
@@ -376,9 +379,8 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_module_server):
             )
         await connection.commit()
     inserted_events = "SELECT count(*) FROM events WHERE resource_id = 'prefect.flow-run.x'"
-    # Besides these, the cache rows of the runs the API engine deleted: the API cannot delete them.
     found = await count_orphans()
-    assert found["log"] == 7 and found["artifact"] == 1 and found["task_run_state_cache"] >= 1
+    assert found["log"] == 7 and found["artifact"] == 1 and found["task_run_state_cache"] == 1
 
     options = {"engine": "sql", "include_orphans": True, "max_runs_per_second": 0, "vacuum": True}
     dry = await retention(dry_run=True, **options)
@@ -573,8 +575,7 @@ async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, 
         parent_task_run_id=None,
     )
     policy = RetentionPolicy.from_parameters(RetentionParameters(), datetime.now(UTC))
-    async with prefect_client() as client:
-        engine = ApiEngine(client, throttle, concurrency=2)
+    async with ApiEngine.open(throttle, concurrency=2) as engine:
         with pytest.raises(PrefectApiError) as failure:
             await engine.process_batch([poison], policy, dry_run=True)
     assert failure.value.status_code == 500

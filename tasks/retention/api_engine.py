@@ -1,18 +1,25 @@
-"""The API engine: retention through the Prefect API alone (Prefect Cloud, or no database access).
+"""The API engine: retention through the Prefect API (Prefect Cloud, or no database access).
 
 Per batch of top-level runs: read them again with their subflows (level by level through
 `parent_flow_run_id`), let the policy judge each tree, then delete the accepted runs with
 `POST /flow_runs/bulk_delete` (50 a call, filtered by id *and* terminal state, so a run
 that left its terminal state in the meantime stays), deepest subflows first: a parent is
 only deleted once all of its subflows are, so none is ever left as a fake top-level run.
-If the server has no `bulk_delete` route, runs are deleted one by one with
-`DELETE /flow_runs/{id}`. The deleted runs' artifacts go with `DELETE /artifacts/{id}`
-(the server re-points their collections). The server deletes the runs' logs itself, in
-its background queue; the API has no way to delete logs, cache rows or events. That queue
-is in memory by default (lost if the server restarts) and drains far slower than runs are
-deleted, so the engine keeps it short: at most `LOG_QUEUE_RUNS` deleted runs may still
-have logs before the next batch waits for the server, and at the end the purge waits
-until every deleted run's logs are gone (or the server stops making progress).
+Servers before 3.6.16 have no `bulk_delete`; there each run is read again just before its
+`DELETE /flow_runs/{id}` (which deletes a run in any state) and deleted only if it still
+reads exactly as the policy judged it. The deleted runs' artifacts go with
+`DELETE /artifacts/{id}` (the server re-points their collections).
+
+The API has no way to delete logs, cache rows or events. From 3.4.9 the server deletes a
+deleted run's logs itself, in its background queue. That queue is in memory by default
+(lost if the server restarts) and drains far slower than runs are deleted, so the engine
+keeps it short: at most `LOG_QUEUE_RUNS` deleted runs may still have logs before the next
+batch waits for the server, and at the end the purge waits until every deleted run's logs
+are gone (or the server stops making progress). Older servers never delete them, so
+nothing is waited for. With a database configured (engine "api" chosen explicitly), what
+the API leaves (those logs, and the task run cache rows of the deleted runs) is deleted by
+the ids of each batch through the SQL engine, the one module that writes to the database;
+without one it stays, and the report says so.
 
 Calls run with bounded concurrency; 429, 5xx answers and timeouts slow the throttle down
 and are retried after a back-off.
@@ -30,18 +37,29 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
+from pydantic import SecretStr
 
-from tasks.prefect_api import BULK_LIMIT, PAGE_SIZE, PrefectApiError, call, paginate, prefect_client
+from tasks.prefect_api import (
+    BULK_FLOW_RUN_ROUTES,
+    BULK_LIMIT,
+    DELETES_LOGS_OF_DELETED_RUNS,
+    PAGE_SIZE,
+    PrefectApiError,
+    call,
+    paginate,
+    prefect_client,
+    server_has,
+    server_version,
+)
 from tasks.retention.parameters import TERMINAL_STATES
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import BatchOutcome
+from tasks.retention.sql_engine import SqlEngine
 
 # Answers that mean "the server is struggling": slow down and try again.
 PUSHBACK_STATUSES = {429, 500, 502, 503, 504}
 ATTEMPTS = 5
-# Answers that mean "this server has no bulk_delete route".
-NO_SUCH_ROUTE = {404, 405}
 # Deleted runs whose logs may wait in the server's queue before the next batch waits too.
 LOG_QUEUE_RUNS = 1_000
 LOG_POLL_SECONDS = 0.5
@@ -90,20 +108,52 @@ class ApiEngine:
 
     name = "api"
 
-    def __init__(self, client: PrefectClient, throttle: Throttle, concurrency: int) -> None:
+    def __init__(
+        self,
+        client: PrefectClient,
+        throttle: Throttle,
+        concurrency: int,
+        *,
+        server_version: tuple[int, ...],
+        bulk_delete_exists: bool,
+        server_deletes_logs: bool,
+        database: SqlEngine | None,
+    ) -> None:
         self._client = client
         self._throttle = throttle
         self._slots = asyncio.Semaphore(concurrency)
-        self._bulk_delete_exists = True
+        self.server_version = server_version
+        self._bulk_delete_exists = bulk_delete_exists
+        self.server_deletes_logs = server_deletes_logs
+        # Deletes what the API cannot (logs the server keeps, cache rows); None without access.
+        self.database = database
         # Deleted runs whose logs the server may not have deleted yet, oldest first.
         self._logs_queued: dict[UUID, None] = {}
         self._log_deletion_stalled = False
+        # Deleted (in a dry run: to be deleted) runs whose logs nothing here deletes.
+        self.runs_with_logs_left = 0
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, throttle: Throttle, concurrency: int) -> AsyncIterator[ApiEngine]:
+    async def open(
+        cls, throttle: Throttle, concurrency: int, database_url: str | SecretStr | None = None
+    ) -> AsyncIterator[ApiEngine]:
+        """The engine for the configured API; `database_url` (reachable) for what the API cannot delete."""
         async with prefect_client() as client:
-            yield cls(client, throttle, concurrency)
+            database = SqlEngine(database_url) if database_url is not None else None
+            try:
+                yield cls(
+                    client,
+                    throttle,
+                    concurrency,
+                    server_version=await server_version(client),
+                    bulk_delete_exists=await server_has(client, BULK_FLOW_RUN_ROUTES),
+                    server_deletes_logs=await server_has(client, DELETES_LOGS_OF_DELETED_RUNS),
+                    database=database,
+                )
+            finally:
+                if database is not None:
+                    await database.close()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -299,19 +349,22 @@ class ApiEngine:
         accepted_ids = [run.id for run in verdict.accepted]
         if not accepted_ids:
             return BatchOutcome(left=verdict.left, seconds=perf_counter() - started)
+        # Read before the runs go: their task runs' states cascade away with them.
+        states_of = await self._cached_states_of(accepted_ids) if self.database is not None else {}
         if dry_run:
             artifacts = await self._count(
                 "/artifacts/count", {"artifacts": {"flow_run_id": {"any_": _ids(accepted_ids)}}}
             )
             rows = {"flow_run": len(accepted_ids), "artifact": artifacts}
+            rows.update(await self._what_the_api_leaves(accepted_ids, states_of, dry_run=True))
             return BatchOutcome(
                 runs=verdict.accepted, rows=rows, left=verdict.left, seconds=perf_counter() - started
             )
         root_of = {member: root for root, members in members_of.items() for member in members}
         root_of.update((root_id, root_id) for root_id in root_ids)
-        deleted, broken = await self._delete_deepest_first(accepted_ids, depth, root_of)
-        self._logs_queued.update(dict.fromkeys(deleted))
+        deleted, broken = await self._delete_deepest_first(verdict.accepted, depth, root_of)
         rows = {"flow_run": len(deleted), "artifact": await self._delete_artifacts(deleted)}
+        rows.update(await self._what_the_api_leaves(list(deleted), states_of, dry_run=False))
         return BatchOutcome(
             runs=[run for run in verdict.accepted if run.id in deleted],
             rows=rows,
@@ -323,42 +376,82 @@ class ApiEngine:
         return int(await self._call("POST", path, body))
 
     async def _delete_deepest_first(
-        self, ids: list[UUID], depth: dict[UUID, int], root_of: dict[UUID, UUID]
+        self, runs: list[RunRecord], depth: dict[UUID, int], root_of: dict[UUID, UUID]
     ) -> tuple[set[UUID], set[UUID]]:
         """Delete level by level from the deepest; a tree whose run could not be deleted stops there."""
         deleted: set[UUID] = set()
         broken: set[UUID] = set()
-        for level in sorted({depth[run_id] for run_id in ids}, reverse=True):
-            wanted = [run_id for run_id in ids if depth[run_id] == level and root_of[run_id] not in broken]
+        for level in sorted({depth[run.id] for run in runs}, reverse=True):
+            wanted = [run for run in runs if depth[run.id] == level and root_of[run.id] not in broken]
             for done in await self._gather(self._delete_runs(chunk) for chunk in _chunks(wanted, BULK_LIMIT)):
                 deleted |= done
-            broken |= {root_of[run_id] for run_id in wanted if run_id not in deleted}
+            broken |= {root_of[run.id] for run in wanted if run.id not in deleted}
         return deleted, broken
 
-    async def _delete_runs(self, ids: list[UUID]) -> set[UUID]:
+    async def _delete_runs(self, runs: list[RunRecord]) -> set[UUID]:
         if self._bulk_delete_exists:
             body = {
-                "flow_runs": {"id": {"any_": _ids(ids)}, "state": {"type": {"any_": list(TERMINAL_STATES)}}},
+                "flow_runs": {
+                    "id": {"any_": _ids(run.id for run in runs)},
+                    "state": {"type": {"any_": list(TERMINAL_STATES)}},
+                },
                 "limit": BULK_LIMIT,
             }
-            try:
-                answer = await self._call("POST", "/flow_runs/bulk_delete", body)
-                return {UUID(run_id) for run_id in answer["deleted"]}
-            except PrefectApiError as error:
-                if error.status_code not in NO_SUCH_ROUTE:
-                    raise
-                self._bulk_delete_exists = False
-        done = await self._gather(self._delete_one(run_id) for run_id in ids)
-        return {run_id for run_id, gone in zip(ids, done, strict=True) if gone}
+            answer = await self._call("POST", "/flow_runs/bulk_delete", body)
+            return {UUID(run_id) for run_id in answer["deleted"]}
+        done = await self._gather(self._delete_if_unchanged(run) for run in runs)
+        return {run.id for run, gone in zip(runs, done, strict=True) if gone}
 
-    async def _delete_one(self, run_id: UUID) -> bool:
+    async def _delete_if_unchanged(self, judged: RunRecord) -> bool:
+        """`DELETE /flow_runs/{id}` checks nothing: delete the run only if it reads, just before,
+        exactly as the policy judged it (so still terminal, still expired, still unprotected).
+        A change in the moment between the two calls goes unseen; `bulk_delete` has no such gap."""
         try:
-            await self._call("DELETE", f"/flow_runs/{run_id}")
+            if run_record(await self._call("GET", f"/flow_runs/{judged.id}")) != judged:
+                return False
+            await self._call("DELETE", f"/flow_runs/{judged.id}")
             return True
         except PrefectApiError as error:
             if error.status_code == 404:
                 return False
             raise
+
+    async def _cached_states_of(self, flow_run_ids: list[UUID]) -> dict[UUID, list[UUID]]:
+        """Per run, the states its task runs hold that have a cache row: the server writes one
+        for a Completed state whose details carry a cache key, the state such a task run
+        stays in. A row of an earlier state (a task run forced on afterwards) is left to the
+        orphan sweep."""
+        states_of: dict[UUID, list[UUID]] = {}
+        for chunk in _chunks(flow_run_ids, PAGE_SIZE):
+            body = {
+                "task_runs": {
+                    "flow_run_id": {"any_": _ids(chunk)},
+                    "state": {"type": {"any_": ["COMPLETED"]}},
+                }
+            }
+            for row in await self._all("/task_runs/filter", body):
+                state = row.get("state") or {}
+                if (state.get("state_details") or {}).get("cache_key"):
+                    states_of.setdefault(UUID(row["flow_run_id"]), []).append(UUID(state["id"]))
+        return states_of
+
+    async def _what_the_api_leaves(
+        self, flow_run_ids: list[UUID], states_of: dict[UUID, list[UUID]], *, dry_run: bool
+    ) -> dict[str, int]:
+        """The deleted runs' logs and cache rows: queued with the server (logs, from 3.4.9),
+        deleted through the database when there is one, else counted as left."""
+        if self.server_deletes_logs:
+            if not dry_run:
+                self._logs_queued.update(dict.fromkeys(flow_run_ids))
+        elif self.database is None:
+            self.runs_with_logs_left += len(flow_run_ids)
+        if self.database is None:
+            return {}
+        return await self.database.delete_left_by_the_api(
+            [] if self.server_deletes_logs else flow_run_ids,
+            [state_id for run_id in flow_run_ids for state_id in states_of.get(run_id, ())],
+            dry_run=dry_run,
+        )
 
     async def _delete_artifacts(self, flow_run_ids: Iterable[UUID]) -> int:
         """Delete the runs' artifacts; those sharing a key one after another, since the server

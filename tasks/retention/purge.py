@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from tasks.prefect_api import HEARTBEAT_EVENT
+from tasks.prefect_api import DELETES_LOGS_OF_DELETED_RUNS, HEARTBEAT_EVENT
 from tasks.reports import Progress
 from tasks.retention.api_engine import ApiEngine
 from tasks.retention.parameters import RetentionParameters
@@ -202,7 +202,8 @@ async def vacuum_tables(
 @task(name="wait-for-log-deletion", cache_policy=NO_CACHE)
 async def wait_for_log_deletion(engine: Engine, parameters: RetentionParameters) -> int:
     """API engine: wait until the server has deleted the deleted runs' logs from its background
-    queue (or stops making progress); at most how many runs' logs are still queued."""
+    queue (or stops making progress); at most how many runs' logs are still queued. Servers
+    before 3.4.9 queue nothing, so there is nothing to wait for."""
     if parameters.dry_run or not isinstance(engine, ApiEngine):
         return 0
     return await engine.wait_for_log_deletion()
@@ -219,23 +220,15 @@ def limitations(engine: Engine, parameters: RetentionParameters, logs_queued: in
                 "SQLite: tables were analysed only; VACUUM rewrites the whole file, run it in a quiet hour."
             )
         return notes
-    if logs_queued:
+    notes += _log_notes(engine, parameters.dry_run, logs_queued)
+    if engine.database is None:
         notes.append(
-            f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
-            "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
-            "the server restarts; a run with database access and include_orphans sweeps them)."
+            "API engine without database access: the task run cache rows of the deleted runs (if "
+            "they had any) could not be removed, the API has no route for them; they stay until a "
+            "run with database access and include_orphans sweeps them."
         )
-    elif not parameters.dry_run:
-        notes.append(
-            "API engine: the server deleted the logs of the deleted runs in its background queue; "
-            "this run waited for it. Logs are not counted here."
-        )
-    notes.append(
-        "API engine: task run cache rows stay until a run with database access and include_orphans "
-        "sweeps them."
-    )
     if parameters.include_orphans:
-        notes.append("API engine: orphans need database access and were not swept.")
+        notes.append("API engine: orphans are swept by the SQL engine only; none were swept.")
     if (
         parameters.events_older_than_days is not None
         or parameters.heartbeat_events_older_than_days is not None
@@ -245,3 +238,40 @@ def limitations(engine: Engine, parameters: RetentionParameters, logs_queued: in
             "(the server's own event retention, PREFECT_EVENTS_RETENTION_PERIOD, still applies)."
         )
     return notes
+
+
+def _log_notes(engine: ApiEngine, dry_run: bool, logs_queued: int) -> list[str]:
+    """Where the deleted runs' logs went, or stay: the server deletes them itself only from 3.4.9."""
+    if engine.server_deletes_logs:
+        if dry_run:
+            return [
+                "API engine: the server deletes the logs of the runs it deletes, in its background "
+                "queue; logs are not counted here."
+            ]
+        if logs_queued:
+            return [
+                f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
+                "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
+                "the server restarts; a run with database access and include_orphans sweeps them)."
+            ]
+        return [
+            "API engine: the server deleted the logs of the deleted runs in its background queue; "
+            "this run waited for it. Logs are not counted here."
+        ]
+    server = (
+        f"this server (Prefect {_dotted(engine.server_version)}) never deletes the logs of deleted "
+        f"runs (Prefect does from {_dotted(DELETES_LOGS_OF_DELETED_RUNS)})"
+    )
+    if engine.database is not None:
+        verb = "would delete" if dry_run else "deleted"
+        return [f"API engine: {server}; this run {verb} them through the database (counted under log)."]
+    sweep = "until a retention run with database access and include_orphans sweeps them."
+    if dry_run:
+        return [
+            f"API engine: {server}: the logs of the {engine.runs_with_logs_left} runs to delete would stay {sweep}"
+        ]
+    return [f"API engine: {server}: the logs of the {engine.runs_with_logs_left} deleted runs stay {sweep}"]
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))

@@ -1,10 +1,12 @@
 """Selection: which engine, which policy, and the expired top-level runs batch by batch.
 
 `open_engine` picks the SQL engine when a database URL is configured and reachable (or
-when asked for), else the API engine. `build_policy` resolves names and the runs kept by
-`keep_last_per_deployment` once, read-only. `expired_batches` streams candidate runs from
-the engine and keeps those the policy selects. `count_expired_runs` is a dry run that only
-counts; `count_expired_top_level_runs` is one count query, for the health report.
+when asked for), else the API engine; asked for by name, the API engine also gets the
+database when it is configured and reachable, for what the API cannot delete.
+`build_policy` resolves names and the runs kept by `keep_last_per_deployment` once,
+read-only. `expired_batches` streams candidate runs from the engine and keeps those the
+policy selects. `count_expired_runs` is a dry run that only counts;
+`count_expired_top_level_runs` is one count query, for the health report.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Engine]:
         finally:
             await engine.close()
         return
-    async with ApiEngine.open(throttle, settings.api_concurrency) as engine:
+    # Chosen explicitly with a database at hand: it deletes what the API cannot.
+    database_url = url if choice == "api" and await is_reachable(url) else None
+    async with ApiEngine.open(throttle, settings.api_concurrency, database_url) as engine:
         yield engine
 
 

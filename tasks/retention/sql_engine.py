@@ -695,6 +695,40 @@ class SqlEngine:
                     await connection.exec_driver_sql(f"ANALYZE {table}")
         return tables
 
+    async def delete_left_by_the_api(
+        self, flow_run_ids: list[UUID], task_run_state_ids: list[UUID], *, dry_run: bool
+    ) -> dict[str, int]:
+        """For the API engine, which has no route for them: the logs of `flow_run_ids` and the
+        cache rows of `task_run_state_ids`, in one transaction. Only rows whose run (or state)
+        is gone are deleted, so a run that is still there keeps its rows whatever ids come in;
+        a dry run counts them before their runs go."""
+        targets = (
+            (LOG, LOG.c.flow_run_id, FLOW_RUN.c.id, flow_run_ids),
+            (
+                TASK_RUN_STATE_CACHE,
+                TASK_RUN_STATE_CACHE.c.task_run_state_id,
+                TASK_RUN_STATE.c.id,
+                task_run_state_ids,
+            ),
+        )
+        rows: dict[str, int] = {}
+        if not (flow_run_ids or task_run_state_ids):
+            return rows
+        async with self._transaction(write=not dry_run) as connection:
+            for table, reference, owner, ids in targets:
+                if not ids:
+                    continue
+                if dry_run:
+                    statement = (
+                        sa.select(sa.func.count()).select_from(table).where(self._among(reference, ids))
+                    )
+                    rows[table.name] = (await connection.execute(statement)).scalar_one()
+                else:
+                    owner_gone = ~sa.exists().where(owner == reference)
+                    statement = sa.delete(table).where(self._among(reference, ids), owner_gone)
+                    rows[table.name] = (await connection.execute(statement)).rowcount
+        return rows
+
 
 def _is_busy(error: sa.exc.DBAPIError) -> bool:
     if getattr(error.orig, "sqlstate", None) in BUSY_SQLSTATES:

@@ -8,7 +8,8 @@ starts. Nothing else is sent: no field that only newer servers know.
 
 Before anything is written, every request is checked against the schema the server
 itself publishes for `POST /deployments/` (its `/openapi.json`), so a field that server
-does not know fails the deploy with its name, and nothing is changed. The server upserts
+does not know fails the deploy with its name, and nothing is changed; no list of versions
+is kept here. The server upserts
 on flow and deployment name: a deployment keeps its id, its fields take the values sent,
 and its schedules are replaced by the ones sent, never added to.
 """
@@ -110,7 +111,7 @@ async def check_accepted(client: PrefectClient, requests: list[DeploymentRequest
     # The flow's id is added when the flow is created, after this check.
     required = [field for field in body_schema.get("required", []) if field != "flow_id"]
     validator = Draft202012Validator(
-        {**body_schema, "required": required, "components": document["components"]}
+        {**body_schema, "required": required, "components": known_fields_only(document["components"])}
     )
     refused = []
     for request in requests:
@@ -124,6 +125,17 @@ async def check_accepted(client: PrefectClient, requests: list[DeploymentRequest
             f"the Prefect {version} server does not accept these deployments of prefect.yaml "
             "(nothing was changed): " + "; ".join(refused)
         )
+
+
+def known_fields_only(components: dict[str, Any]) -> dict[str, Any]:
+    """The schemas with every object that lists its fields closed to others: some servers
+    ignore a field they do not know (3.4's `concurrency_options` drops a grace period)
+    instead of refusing it, which would lose that part of prefect.yaml without a word."""
+    schemas = {
+        name: {"additionalProperties": False, **schema} if "properties" in schema else schema
+        for name, schema in components["schemas"].items()
+    }
+    return {**components, "schemas": schemas}
 
 
 async def apply_deployment(client: PrefectClient, request: DeploymentRequest) -> str:

@@ -15,11 +15,13 @@ across restarts on one host.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import sys
 
 import httpx
+from prefect.cli.worker import start as prefect_worker_start
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 from prefect.exceptions import ObjectNotFound
 
@@ -62,7 +64,7 @@ async def check_alone_on_pool(target: MaintenanceQueue, name: str) -> None:
 
 
 def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
-    return [
+    command = [
         sys.executable,
         "-m",
         "prefect",
@@ -78,9 +80,13 @@ def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
         str(WORKER_RUN_LIMIT),
         "--name",
         name,
-        # The pool is created by `make deploy`, with its queue; never a bare one here.
-        "--no-create-pool-if-not-found",
     ]
+    # The pool is created by `make deploy`, with its queue; never a bare one here. Workers
+    # of Prefect 3.4 and older have no such option (they create a missing pool): for them the
+    # check that the pool exists, just before, is what stands in for it.
+    if "create_pool_if_not_found" in inspect.signature(prefect_worker_start).parameters:
+        command.append("--no-create-pool-if-not-found")
+    return command
 
 
 def main() -> int:

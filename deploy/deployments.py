@@ -59,14 +59,17 @@ def deployment_request(
     deployment: dict[str, Any], default_pull_steps: list[dict[str, Any]]
 ) -> DeploymentRequest:
     fields = dict(deployment)
+    name = fields.get("name")
+    if not fields.get("entrypoint"):
+        raise DeploymentConfigError(f"deployment {name!r} in prefect.yaml has no entrypoint")
     pull_steps = fields.pop("pull", default_pull_steps)
-    # Prefect fills `{{ $NAME }}` from os.environ; prefect.yaml uses no other placeholder.
+    # Prefect fills `{{ $NAME }}` from os.environ; no other placeholder has a value here.
     fields = apply_values(fields, {}, remove_notset=False)
     unresolved = sorted(placeholder.full_match for placeholder in find_placeholders(fields))
     if unresolved:
         raise DeploymentConfigError(
-            f"deployment {deployment.get('name')!r} in prefect.yaml: {', '.join(unresolved)} "
-            "has no value here: set that environment variable"
+            f"deployment {name!r} in prefect.yaml: {', '.join(unresolved)} has no value when "
+            "deploying (only `{{ $VARIABLE }}` is filled, from the environment)"
         )
     path, _, function = fields["entrypoint"].rpartition(":")
     flow = load_flow_from_entrypoint(f"{PROJECT_ROOT / path}:{function}")

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import PROJECT_ROOT, DeploymentConfigError, maintenance_queue, read_deployments
+from deploy import PROJECT_ROOT, DeploymentConfigError, maintenance_queue, read_deployments, read_prefect_file
+from deploy.deployments import deployment_requests
 from deploy.steps import use_database_url_from
 
 pytestmark = pytest.mark.no_stack
@@ -85,6 +86,27 @@ def build_arguments() -> dict[str, str]:
     return {
         name: default.strip('"') for name, _, default in (argument.partition("=") for argument in arguments)
     }
+
+
+def test_deploy_time_placeholders_are_filled_and_the_worker_ones_kept(monkeypatch):
+    monkeypatch.setenv("MAINTENANCE_TIMEZONE", "Europe/Paris")
+    monkeypatch.setenv("MAINTENANCE_PROJECT_DIR", "/somewhere/else")
+    requests = {request.full_name: request.body for request in deployment_requests(read_prefect_file())}
+    assert requests["retention/nightly"]["schedules"] == [
+        {"active": True, "schedule": {"cron": "0 3 * * *", "timezone": "Europe/Paris"}}
+    ]
+    assert requests["retention/ad-hoc"]["schedules"] == []
+    # Resolved on the worker when each run starts, never with the deploying machine's value.
+    for body in requests.values():
+        first_step = body["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert first_step == {"directory": "{{ $MAINTENANCE_PROJECT_DIR }}"}
+    assert requests["retention/nightly"]["concurrency_limit"] == 1
+    assert requests["retention/nightly"]["concurrency_options"] == {"collision_strategy": "CANCEL_NEW"}
+    monkeypatch.delenv("MAINTENANCE_TIMEZONE")
+    with pytest.raises(
+        DeploymentConfigError, match=r"'nightly'.*\{\{ \$MAINTENANCE_TIMEZONE \}\} has no value"
+    ):
+        deployment_requests(read_prefect_file())
 
 
 def test_compose_file_is_valid_against_the_compose_spec():

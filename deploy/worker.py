@@ -6,7 +6,9 @@ deadlocks PostgreSQL on the `last_polled` update each poll makes. A worker count
 online until three missed heartbeats (about 90 s) after it stopped.
 
 The worker is `prefect worker start` on that pool and queue, one run at a time
-(`--limit 1`), replacing this process so that it receives the signals itself. Its runs
+(`--limit 1`), replacing this process so that it receives the signals itself. It and its
+runs use the Prefect installed here, which is to be the server's: `make install
+PREFECT_VERSION=<the server's>` (`make deploy` says so when they differ). Its runs
 move into `MAINTENANCE_PROJECT_DIR` (the deployments' pull step), which defaults to the
 project folder this module belongs to (the checkout, or /app in the image). The worker is named `maintenance-<hostname>`, the same
 across restarts on one host.

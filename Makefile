@@ -7,38 +7,63 @@ PORT ?= 4200
 
 .PHONY: install demo test lint up down status deploy worker bench clean
 
-install: .venv/.installed
+# The Prefect of .venv: the lock's (the newest) by default; `make install
+# PREFECT_VERSION=3.4.25` installs that version's locked requirements (prefect-versions/)
+# instead, for a worker that runs the Prefect of its server. The install made last is the
+# one every other target keeps using (its stamp tells which); `make install` alone goes
+# back to the lock.
+PREFECT_VERSION ?=
+SUPPORTED_PREFECT_VERSIONS := $(sort $(patsubst prefect-versions/%.txt,%,$(wildcard prefect-versions/*.txt)))
+ifneq ($(PREFECT_VERSION),)
+ifeq ($(filter $(PREFECT_VERSION),$(SUPPORTED_PREFECT_VERSIONS)),)
+$(error PREFECT_VERSION=$(PREFECT_VERSION) is not a supported Prefect version; supported: $(SUPPORTED_PREFECT_VERSIONS))
+endif
+endif
+INSTALL_STAMP := .venv/.installed-prefect-$(or $(PREFECT_VERSION),lock)
+VENV := $(if $(PREFECT_VERSION),$(INSTALL_STAMP),$(or $(firstword $(wildcard .venv/.installed-prefect-*)),$(INSTALL_STAMP)))
 
-.venv/.installed: pyproject.toml uv.lock
-	@if ! command -v uv >/dev/null 2>&1 && [ ! -x .venv-tools/bin/uv ]; then \
-		python3 -m venv .venv-tools && .venv-tools/bin/pip install --quiet uv; fi
-	UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups
+install: $(INSTALL_STAMP)
+
+define sync_venv
+@if ! command -v uv >/dev/null 2>&1 && [ ! -x .venv-tools/bin/uv ]; then \
+	python3 -m venv .venv-tools && .venv-tools/bin/pip install --quiet uv; fi
+@rm -f .venv/.installed-prefect-*
+UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups
+endef
+
+.venv/.installed-prefect-lock: pyproject.toml uv.lock
+	$(sync_venv)
 	@touch $@
 
-demo: install
+.venv/.installed-prefect-%: pyproject.toml uv.lock prefect-versions/%.txt
+	$(sync_venv)
+	$(UV) pip install --python .venv/bin/python -r prefect-versions/$*.txt
+	@touch $@
+
+demo: $(VENV)
 	$(PYTHON) -m localstack.demo
 
-test: install
+test: $(VENV)
 	$(PYTHON) -m pytest
 
-lint: install
+lint: $(VENV)
 	$(PYTHON) -m ruff check .
 
-up: install
+up: $(VENV)
 	$(PYTHON) -m localstack.stack up --foreground --state-dir $(STATE_DIR) --port $(PORT)
 
-down: install
+down: $(VENV)
 	$(PYTHON) -m localstack.stack down --state-dir $(STATE_DIR) --port $(PORT)
 
-status: install
+status: $(VENV)
 	$(PYTHON) -m localstack.stack status --state-dir $(STATE_DIR) --port $(PORT)
 
 # Against PREFECT_API_URL: the work pool, its queue (limit 1) and every deployment of prefect.yaml.
-deploy: install
+deploy: $(VENV)
 	$(PYTHON) -m deploy.bootstrap
 
 # The one worker of the maintenance pool and queue.
-worker: install
+worker: $(VENV)
 	$(PYTHON) -m deploy.worker
 
 # Side by side with Prefect's own ways, on an embedded PostgreSQL + Prefect server of their
@@ -46,7 +71,7 @@ worker: install
 # runs, about ten minutes to seed) is kept there for the next run.
 BENCH_RUNS ?= 100000
 BENCH_POPULATION ?= 1000000
-bench: install
+bench: $(VENV)
 	$(PYTHON) -m bench.retention --runs $(BENCH_RUNS) --json .local/bench/retention.json
 	$(PYTHON) -m bench.reconcile --runs $(BENCH_POPULATION) --json .local/bench/reconcile.json
 	$(PYTHON) -m bench.health --runs $(BENCH_POPULATION) --json .local/bench/health.json

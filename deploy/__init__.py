@@ -29,10 +29,14 @@ class MaintenanceQueue:
     queue: str
 
 
+def read_prefect_file(prefect_file: Path = PREFECT_FILE) -> dict[str, Any]:
+    """prefect.yaml, with its anchors and merge keys resolved."""
+    return yaml.safe_load(prefect_file.read_text()) or {}
+
+
 def read_deployments(prefect_file: Path = PREFECT_FILE) -> list[dict[str, Any]]:
-    """The deployments of prefect.yaml, with its anchors and merge keys resolved."""
-    document = yaml.safe_load(prefect_file.read_text()) or {}
-    deployments = document.get("deployments") or []
+    """The deployments of prefect.yaml."""
+    deployments = read_prefect_file(prefect_file).get("deployments") or []
     if not deployments:
         raise DeploymentConfigError(f"{prefect_file} defines no deployments")
     return deployments

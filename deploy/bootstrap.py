@@ -1,48 +1,56 @@
 """`make deploy`: create or update the maintenance work pool, its queue and every deployment.
 
 Against the server at `PREFECT_API_URL`, in this order:
-1. the work pool (type `process`) is created when missing; an existing pool is left as
+1. every deployment of prefect.yaml is made into the request the server's API takes
+   (`deploy.deployments`: its flow loaded for the parameter schema, the schedules'
+   timezone from `MAINTENANCE_TIMEZONE`, default UTC) and checked against the schema that
+   server publishes; a field it does not know stops here, before anything is changed;
+2. the work pool (type `process`) is created when missing; an existing pool is left as
    it is, unless it is of another type (then nothing is changed and the run fails);
-2. the work queue is created with a concurrency limit of 1, or its limit is set back to 1;
-3. `prefect --no-prompt deploy --all` creates or updates every deployment of
-   prefect.yaml (an update replaces a deployment's schedules, it never adds to them);
-4. every deployment of prefect.yaml is read back from the API on that pool and queue.
+3. the work queue is created with a concurrency limit of 1, or its limit is set back to 1;
+4. each deployment is created or updated in place (same id; its schedules replaced by
+   those of prefect.yaml, never added to);
+5. every deployment of prefect.yaml is read back from the API on that pool and queue;
+6. it prints the next step: `make worker`, after `make install PREFECT_VERSION=...` when
+   the server runs another supported Prefect than this one (the worker runs the
+   server's Prefect, so that the flows' task runs are recorded).
 
-Running it again leaves the pool, the queue and every deployment as they were (Prefect
-swaps each schedule for an identical one and lets its scheduler plan the next runs
-again). `MAINTENANCE_TIMEZONE` (default UTC) sets the timezone of the schedules.
-Prefect warns while deploying that `{{ $MAINTENANCE_PROJECT_DIR }}` has no value: that
-placeholder is resolved when each run starts, on the worker.
+Running it again leaves the pool, the queue and every deployment as they were (the
+server swaps each schedule for an identical one and plans the next runs again). The
+same code runs with any supported Prefect against any supported server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 
 import httpx
+import prefect
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 from deploy import (
-    PREFECT_FILE,
     PROJECT_ROOT,
     DeploymentConfigError,
     MaintenanceQueue,
     maintenance_queue,
     read_deployments,
+    read_prefect_file,
     require_api_url,
 )
-from tasks.prefect_api import prefect_client
+from deploy.deployments import apply_deployment, check_accepted, deployment_requests
+from tasks.prefect_api import PrefectApiError, call, prefect_client
 
 WORK_POOL_TYPE = ProcessWorker.type
 QUEUE_CONCURRENCY_LIMIT = 1
 # Read by prefect.yaml's `{{ $...}}` placeholders while deploying; the user's value wins.
 DEPLOY_ENVIRONMENT_DEFAULTS = {"MAINTENANCE_TIMEZONE": "UTC"}
+# `make install PREFECT_VERSION=<version>` installs the Prefect of a server listed here.
+PREFECT_VERSIONS_DIR = PROJECT_ROOT / "prefect-versions"
 
 
 async def ensure_work_pool(name: str) -> str:
@@ -88,69 +96,61 @@ async def ensure_work_queue(target: MaintenanceQueue) -> str:
     )
 
 
-def deploy_all() -> None:
-    """`prefect --no-prompt deploy --all` from the project folder, where the entrypoints are."""
-    environment = {**DEPLOY_ENVIRONMENT_DEFAULTS, **os.environ}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "--no-prompt",
-            "deploy",
-            "--all",
-            "--prefect-file",
-            str(PREFECT_FILE),
-        ],
-        cwd=PROJECT_ROOT,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise DeploymentConfigError(f"prefect deploy failed with exit code {result.returncode}")
-
-
-async def verify_deployments(target: MaintenanceQueue, expected: list[str]) -> list[str]:
-    """Every deployment of prefect.yaml exists on the maintenance queue.
-
-    `prefect deploy` skips a prefect.yaml it cannot validate with a warning and exit code
-    0; reading the deployments back is what tells a deploy that did nothing.
-    """
+async def verify_deployments(target: MaintenanceQueue, expected: list[str]) -> str:
+    """Every deployment of prefect.yaml exists on the maintenance queue: reading them back
+    is what tells a deploy that did not do what it said."""
     async with prefect_client() as client:
         deployments = await client.read_deployments(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[target.pool]))
         )
-    on_queue = {
-        deployment.name: deployment
-        for deployment in deployments
-        if deployment.work_queue_name == target.queue
-    }
+    on_queue = {deployment.name for deployment in deployments if deployment.work_queue_name == target.queue}
     missing = [name for name in expected if name not in on_queue]
     if missing:
         raise DeploymentConfigError(
-            f"after prefect deploy, these deployments are not on work queue {target.queue!r} of "
+            f"after deploying, these deployments are not on work queue {target.queue!r} of "
             f"pool {target.pool!r}: {', '.join(missing)}"
         )
-    return [f"deployment {name!r}: on {target.pool}/{target.queue}" for name in expected]
+    return f"read back: {len(expected)} deployments on {target.pool}/{target.queue}"
+
+
+async def next_step(target: MaintenanceQueue) -> str:
+    """`make worker`, after installing the server's Prefect when this one is another."""
+    async with prefect_client() as client:
+        server = await call(client, "GET", "/admin/version")
+    start_worker = f"`make worker` starts the one worker of {target.pool}/{target.queue}"
+    if server == prefect.__version__ or not (PREFECT_VERSIONS_DIR / f"{server}.txt").exists():
+        return f"next: {start_worker}"
+    return (
+        f"next: `make install PREFECT_VERSION={server}` (the worker runs the Prefect of its "
+        f"server, so that the flows' task runs are recorded; this one is {prefect.__version__}), "
+        f"then {start_worker}"
+    )
 
 
 async def bootstrap() -> list[str]:
     api_url = require_api_url()
-    deployments = read_deployments()
-    target = maintenance_queue(deployments)
+    document = read_prefect_file()
+    target = maintenance_queue(read_deployments())
+    for name, value in DEPLOY_ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    requests = deployment_requests(document)
+    async with prefect_client() as client:
+        await check_accepted(client, requests)
     report = [f"Prefect API: {api_url}"]
     report.append(await ensure_work_pool(target.pool))
     report.append(await ensure_work_queue(target))
-    deploy_all()
-    report += await verify_deployments(target, [deployment["name"] for deployment in deployments])
+    async with prefect_client() as client:
+        for request in requests:
+            report.append(await apply_deployment(client, request))
+    report.append(await verify_deployments(target, [request.body["name"] for request in requests]))
+    report.append(await next_step(target))
     return report
 
 
 def main() -> int:
     try:
         report = asyncio.run(bootstrap())
-    except DeploymentConfigError as error:
+    except (DeploymentConfigError, PrefectApiError) as error:
         print(f"deploy failed: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:

@@ -6,7 +6,9 @@ deadlocks PostgreSQL on the `last_polled` update each poll makes. A worker count
 online until three missed heartbeats (about 90 s) after it stopped.
 
 The worker is `prefect worker start` on that pool and queue, one run at a time
-(`--limit 1`), replacing this process so that it receives the signals itself. Its runs
+(`--limit 1`), replacing this process so that it receives the signals itself. It and its
+runs use the Prefect installed here, which is to be the server's: `make install
+PREFECT_VERSION=<the server's>` (`make deploy` says so when they differ). Its runs
 move into `MAINTENANCE_PROJECT_DIR` (the deployments' pull step), which defaults to the
 project folder this module belongs to (the checkout, or /app in the image). The worker is named `maintenance-<hostname>`, the same
 across restarts on one host.
@@ -15,11 +17,13 @@ across restarts on one host.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import sys
 
 import httpx
+from prefect.cli.worker import start as prefect_worker_start
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 from prefect.exceptions import ObjectNotFound
 
@@ -62,7 +66,7 @@ async def check_alone_on_pool(target: MaintenanceQueue, name: str) -> None:
 
 
 def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
-    return [
+    command = [
         sys.executable,
         "-m",
         "prefect",
@@ -78,9 +82,13 @@ def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
         str(WORKER_RUN_LIMIT),
         "--name",
         name,
-        # The pool is created by `make deploy`, with its queue; never a bare one here.
-        "--no-create-pool-if-not-found",
     ]
+    # The pool is created by `make deploy`, with its queue; never a bare one here. Workers
+    # of Prefect 3.4 and older have no such option (they create a missing pool): for them the
+    # check that the pool exists, just before, is what stands in for it.
+    if "create_pool_if_not_found" in inspect.signature(prefect_worker_start).parameters:
+        command.append("--no-create-pool-if-not-found")
+    return command
 
 
 def main() -> int:

@@ -4,6 +4,10 @@ The story: an operator runs `make deploy` next to their server (twice, because t
 what people do), applies the roles' SQL, starts `make worker` with the least-privilege
 URLs, and after an incident asks for an ad-hoc cleanup from the CLI; the run goes through
 the single worker, deletes what is old, and leaves its report in the UI.
+
+An operator of an older server deploys the same deployments with this checkout's Prefect
+or with the server's own, and runs the worker with the server's own Prefect, whose runs
+record their task runs.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+from conftest import serving
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkPoolFilter, WorkPoolFilterName
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from sqlalchemy.engine import make_url
 
-from deploy import PROJECT_ROOT, DeploymentConfigError, MaintenanceQueue, bootstrap
+from deploy import PROJECT_ROOT, DeploymentConfigError, MaintenanceQueue, bootstrap, read_prefect_file
 from deploy.worker import check_alone_on_pool, worker_name
+from localstack.prefect_versions import run_with_client, venv_python
 from localstack.seed import seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import call, prefect_client
@@ -37,6 +43,11 @@ SCHEDULED = {
 UNSCHEDULED = {"retention/ad-hoc"}
 # Long enough for a cold flow-run process on a busy 2-core machine; a run is normally done in 10-20 s.
 RUN_TIMEOUT_SECONDS = 240
+# Servers older than the project's client, each deployed to and served by its own Prefect too.
+OLDER_VERSIONS = ("3.1.15", "3.4.25")
+# What `prefect deploy` printed, which `make deploy` must not: a hint to start a worker per
+# deployment, and warnings about the placeholder the worker resolves.
+PREFECT_DEPLOY_NOISE = ("prefect worker start", "MAINTENANCE_PROJECT_DIR")
 
 
 def make(target: str, server, **environment: str) -> subprocess.CompletedProcess:
@@ -63,17 +74,42 @@ def role_url(server, role: str) -> str:
     return make_url(server.database_url).set(username=role).render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="module")
-def roles(stack, module_server) -> dict[str, str]:
-    database = make_url(module_server.database_url).database
+def apply_roles(stack, server) -> dict[str, str]:
+    """docker/roles.sql on the server's database; the URL of each maintenance role."""
+    database = make_url(server.database_url).database
     passwords = {"MAINTENANCE_PURGE_PASSWORD": "purge-secret", "MAINTENANCE_REPORT_PASSWORD": "report-secret"}
     for _ in range(2):  # idempotent: applied again after a Prefect upgrade
         stack.postgres.psql_file(ROLES_SQL, database, environment=passwords)
-    return {role: role_url(module_server, role) for role in ("maintenance_purge", "maintenance_report")}
+    return {role: role_url(server, role) for role in ("maintenance_purge", "maintenance_report")}
+
+
+@pytest.fixture(scope="module")
+def roles(stack, module_server) -> dict[str, str]:
+    return apply_roles(stack, module_server)
+
+
+@pytest.fixture(scope="module", params=OLDER_VERSIONS)
+def older_server(request, module_server_factory):
+    return module_server_factory(version=request.param)
+
+
+@pytest.fixture(scope="module")
+def older_deploy(older_server) -> subprocess.CompletedProcess:
+    """`make deploy` with this checkout's Prefect against the older server."""
+    result = make("deploy", older_server)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def deploy_with_own_client(server, home: Path) -> subprocess.CompletedProcess:
+    """`python -m deploy.bootstrap` (what `make deploy` runs) with the server's own Prefect."""
+    result = run_with_client(server.version(), ["-m", "deploy.bootstrap"], api_url=server.api_url, home=home)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 async def deployment_snapshot() -> dict:
-    """What `make deploy` controls, as the API shows it."""
+    """What `make deploy` controls, as the API shows it (with the ids, which stay)."""
     async with prefect_client() as client:
         pools = await client.read_work_pools()
         queues = await call(client, "POST", f"/work_pools/{POOL}/queues/filter", json={})
@@ -134,6 +170,18 @@ async def test_deploy_creates_the_four_deployments_on_one_queue(on_module_server
     assert read_only == {"reconcile-stuck-runs/every-10-minutes", "db-health-report/daily"}
 
 
+def without_ids(snapshot: dict) -> dict:
+    """The snapshot of one server in terms another server's can equal."""
+    return {
+        "pools": snapshot["pools"],
+        "queues": [(name, limit) for name, limit, _ in snapshot["queues"]],
+        "deployments": {
+            name: {field: value for field, value in deployment.items() if field != "id"}
+            for name, deployment in snapshot["deployments"].items()
+        },
+    }
+
+
 async def test_the_custom_run_form_is_typed_and_enforced(on_module_server, first_deploy):
     deployments = (await deployment_snapshot())["deployments"]
     form = deployments["retention/ad-hoc"]["parameter_schema"]["properties"]
@@ -155,7 +203,49 @@ async def test_deploying_again_changes_nothing(on_module_server, first_deploy):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"work pool '{POOL}': exists" in again.stdout
     assert f"work queue '{QUEUE}': exists, concurrency limit 1" in again.stdout
+    assert "deployment 'retention/nightly': updated" in again.stdout
+    assert again.stdout.splitlines()[-1] == f"next: `make worker` starts the one worker of {POOL}/{QUEUE}"
+    assert not [noise for noise in PREFECT_DEPLOY_NOISE if noise in again.stdout + again.stderr]
     assert await deployment_snapshot() == before
+
+
+async def test_both_clients_deploy_the_same_deployments_on_an_older_server(
+    module_server, first_deploy, older_server, older_deploy, tmp_path
+):
+    version = older_server.version()
+    assert not [noise for noise in PREFECT_DEPLOY_NOISE if noise in older_deploy.stdout + older_deploy.stderr]
+    # This checkout's Prefect says which one the worker needs.
+    assert older_deploy.stdout.splitlines()[-1].startswith(f"next: `make install PREFECT_VERSION={version}`")
+    with serving(older_server):
+        deployed = await deployment_snapshot()
+    own = deploy_with_own_client(older_server, tmp_path / "client-home")
+    assert "deployment 'retention/nightly': updated" in own.stdout
+    assert own.stdout.splitlines()[-1] == f"next: `make worker` starts the one worker of {POOL}/{QUEUE}"
+    with serving(older_server):
+        assert await deployment_snapshot() == deployed
+    with serving(module_server):
+        assert without_ids(deployed) == without_ids(await deployment_snapshot())
+
+
+async def test_a_field_the_server_does_not_know_stops_the_deploy_before_any_change(
+    older_server, older_deploy, monkeypatch
+):
+    # A grace period for the concurrency slot: Prefect 3.9 knows it, older servers do not.
+    document = read_prefect_file()
+    for deployment in document["deployments"]:
+        deployment["concurrency_limit"] = {**deployment["concurrency_limit"], "grace_period_seconds": 60}
+        deployment["schedules"] = [
+            {**schedule, "timezone": "Europe/Paris"} for schedule in deployment.get("schedules", [])
+        ]
+    monkeypatch.setattr(bootstrap, "read_prefect_file", lambda: document)
+    with serving(older_server):
+        before = await deployment_snapshot()
+        with pytest.raises(
+            DeploymentConfigError,
+            match=r"nothing was changed.*retention/nightly: concurrency_options: .*'grace_period_seconds' was unexpected",
+        ):
+            await bootstrap.bootstrap()
+        assert await deployment_snapshot() == before
 
 
 async def test_deploy_sets_a_changed_queue_limit_back_to_one(on_module_server, first_deploy):
@@ -210,10 +300,12 @@ async def wait_until_final(run_ids) -> dict:
             await asyncio.sleep(1)
 
 
-def start_worker(server, roles, log_path: Path) -> subprocess.Popen:
+def start_worker(
+    server, roles, log_path: Path, command: tuple[str, ...] = ("make", "--no-print-directory", "worker")
+) -> subprocess.Popen:
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            ["make", "--no-print-directory", "worker"],
+            list(command),
             cwd=PROJECT_ROOT,
             env={
                 **os.environ,
@@ -304,6 +396,45 @@ async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_module_server, f
                 await client.read_flow_run(run_id)
         for run_id in history.recent_finished:
             assert (await client.read_flow_run(run_id)).state.is_final()
+
+
+async def wait_for_task_runs(flow_run_id) -> list:
+    """The task runs of a flow run, once the server has recorded them from its events."""
+    deadline = time.monotonic() + 60
+    async with prefect_client() as client:
+        while True:
+            task_runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if task_runs or time.monotonic() > deadline:
+                return task_runs
+            await asyncio.sleep(1)
+
+
+async def test_the_worker_of_an_older_server_runs_its_prefect_and_records_task_runs(
+    stack, older_server, older_deploy, tmp_path
+):
+    """`python -m deploy.worker` (what `make worker` runs) with the server's own Prefect, as
+    after `make install PREFECT_VERSION=...`: its runs record their task runs on the server."""
+    roles = apply_roles(stack, older_server)
+    python = venv_python(older_server.version())
+    worker = start_worker(
+        older_server, roles, tmp_path / "worker.log", command=(str(python), "-m", "deploy.worker")
+    )
+    try:
+        with serving(older_server):
+            async with prefect_client() as client:
+                deployment = await client.read_deployment_by_name("db-health-report/daily")
+                health = (await client.create_flow_run_from_deployment(deployment.id)).id
+            runs = await wait_until_final([health])
+            task_runs = await wait_for_task_runs(health)
+    finally:
+        stop_worker(worker)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert runs[health].state_name == "Completed", log[-5000:]
+    assert f"starting worker '{worker_name()}' on {POOL}/{QUEUE}" in log
+    assert task_runs, "the run's task runs were not recorded"
+    assert {task_run.state_name for task_run in task_runs} == {"Completed"}
 
 
 async def test_the_worker_refuses_to_start_next_to_another_one(on_module_server, first_deploy):

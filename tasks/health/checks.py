@@ -489,8 +489,7 @@ CHECKS: tuple[Check, ...] = (
         backlog.events_past_retention,
         Positive("warning"),
         "The oldest event ({oldest}) is {value} days past the event retention ({retention}): Prefect's "
-        "event vacuum is not running. Keep 'events' in PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED with "
-        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED=true on one server, or run the retention flow with "
+        "event trimming ({trimmed_by}) is not running. {trimming_advice}, or run the retention flow with "
         "events_older_than_days.",
         unit="days",
         backends=("postgresql", "sqlite"),

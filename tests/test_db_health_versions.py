@@ -67,7 +67,11 @@ async def test_a_3_1_server_is_judged_by_its_event_persister_and_lacks_the_later
 
     # The events indexes 3.3.4 rebuilds with a plain CREATE INDEX: the advice is the upgrade.
     awaiting = flags_of(report, "indexes_awaiting_upgrade")
-    assert set(awaiting) == {"ix_events__event_occurred", "ix_events__related_gin", "ix_events__related_resource_ids_gin"}
+    assert set(awaiting) == {
+        "ix_events__event_occurred",
+        "ix_events__related_gin",
+        "ix_events__related_resource_ids_gin",
+    }
     assert all(flag.severity == "info" and "CONCURRENTLY" not in flag.advice for flag in awaiting.values())
     assert len(flags_of(report, "missing_prefect_indexes")) == 6
 

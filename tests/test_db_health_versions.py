@@ -8,9 +8,8 @@ and the statements it advises must build exactly the indexes the newest Prefect 
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from conftest import serving
+from conftest import database_of, serving
+from test_db_health import flags_of
 
 from flows.db_health import db_health_report
 from tasks.health.cleanup_settings import NOT_KNOWN
@@ -20,14 +19,6 @@ from tasks.health.prefect_indexes import LATER_PREFECT_INDEXES
 INDEX_DEFINITIONS_SQL = (
     "SELECT indexname || ' ' || indexdef FROM pg_indexes WHERE indexname IN ({names}) ORDER BY indexname"
 )
-
-
-def database_of(server) -> str:
-    return urlsplit(server.database_url).path.lstrip("/")
-
-
-def flags_of(report: HealthReport, check: str) -> dict[str, object]:
-    return {flag.object: flag for flag in report.flags if flag.check == check}
 
 
 def failed_checks(report: HealthReport) -> list[str]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
+from conftest import database_of
 
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.purge import event_rules
@@ -64,10 +64,6 @@ FROM generate_series(1, {RUNLESS_LOGS});
 
 ANALYZE events, event_resources, log;
 """
-
-
-def database_of(server) -> str:
-    return urlsplit(server.database_url).path.lstrip("/")
 
 
 class PlanWatch:

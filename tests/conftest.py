@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # Before Prefect is imported: keep this session's Prefect home and settings to itself.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="maintenance-tests-"))
@@ -133,6 +134,11 @@ def module_server_factory(stack: Stack) -> Iterator[ServerFactory]:
     factory = ServerFactory(stack)
     yield factory
     factory.close()
+
+
+def database_of(server: PrefectServer) -> str:
+    """The name of the server's database on the session PostgreSQL (for `stack.postgres.psql`)."""
+    return urlsplit(server.database_url).path.lstrip("/")
 
 
 @contextmanager

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from urllib.parse import urlsplit
 
 import pytest
-from conftest import use_server
+from conftest import database_of, use_server
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import text
 
@@ -28,10 +27,6 @@ PASSWORD = "Health-Secret-9d7c1"
 ROLES_SQL = PROJECT_ROOT / "docker" / "roles.sql"
 BLOAT_TABLE = "health_probe_bloat"
 LOCK_TABLE = "health_probe_lock"
-
-
-def database_of(server) -> str:
-    return urlsplit(server.database_url).path.lstrip("/")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,15 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter
-
+from tasks.health.cleanup_settings import (
+    NOT_KNOWN,
+    days,
+    duration,
+    event_trimming,
+    listed_settings,
+    run_vacuum,
+    setting,
+)
 from tasks.health.statements import rows_of
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.detect import count_stuck_runs
@@ -45,8 +52,6 @@ EVENTS_PER_DAY_SQL = {
 # a quick daily look even on a database holding millions of runs.
 COUNT_BUDGET_SECONDS = 8.0
 
-_durations = TypeAdapter(timedelta)
-
 
 async def expired_runs(probe: Probe) -> list[dict[str, Any]]:
     retention = f"{RetentionParameters().older_than_days:g} days"
@@ -54,14 +59,9 @@ async def expired_runs(probe: Probe) -> list[dict[str, Any]]:
     if count is None:
         return [{"object": "top-level flow runs", "value": "not counted", "retention": retention}]
     settings = await prefect_settings(probe)
-    vacuum = (settings or {}).get("server", {}).get("services", {}).get("db_vacuum", {})
-    if "flow_runs" in set(vacuum.get("enabled") or ()):
-        server_vacuum = (
-            f"Prefect's db_vacuum service also deletes top-level runs older than "
-            f"{_days(vacuum.get('retention_period'))}."
-        )
-    else:
-        server_vacuum = "Prefect's own db_vacuum service does not delete runs on this server."
+    server_vacuum = (
+        run_vacuum(settings) if settings is not None else "Prefect's own settings are not readable."
+    )
     return [
         {
             "object": "top-level flow runs",
@@ -84,18 +84,24 @@ async def events_past_retention(probe: Probe) -> list[dict[str, Any]]:
     settings = await prefect_settings(probe)
     if settings is None:
         return []
-    retention = _durations.validate_python(settings["server"]["events"]["retention_period"])
-    # The event vacuum runs once per loop; an event up to one loop past retention is on schedule.
-    loop = timedelta(seconds=settings["server"]["services"]["db_vacuum"].get("loop_seconds", 3600))
-    overdue = timedelta(0) if oldest is None else probe.now - oldest - retention - loop
-    return [
-        {
-            "object": "events",
-            "value": round(max(overdue.total_seconds(), 0) / 86400, 1),
-            "oldest": oldest.isoformat(timespec="minutes") if oldest else "none",
-            "retention": _days(settings["server"]["events"]["retention_period"]),
-        }
-    ]
+    trimming = event_trimming(settings)
+    retention = duration(setting(settings, "server.events.retention_period"))
+    row = {
+        "object": "events",
+        "oldest": oldest.isoformat(timespec="minutes") if oldest else "none",
+        "retention": days(retention),
+        "trimmed_by": trimming.service,
+        "trimming_advice": trimming.advice,
+    }
+    if retention is None or trimming.interval is None:
+        probe.report.notes.append(
+            "Events past retention: not judged; this server's settings do not say "
+            + ("its event retention." if retention is None else f"how often its {trimming.service} runs.")
+        )
+        return [{**row, "value": NOT_KNOWN}]
+    # The trimming service runs once per interval; an event up to one interval past retention is on schedule.
+    overdue = timedelta(0) if oldest is None else probe.now - oldest - retention - trimming.interval
+    return [{**row, "value": round(max(overdue.total_seconds(), 0) / 86400, 1)}]
 
 
 async def events_per_day(probe: Probe) -> list[dict[str, Any]]:
@@ -106,32 +112,7 @@ async def events_per_day(probe: Probe) -> list[dict[str, Any]]:
 
 async def vacuum_settings(probe: Probe) -> list[dict[str, Any]]:
     settings = await prefect_settings(probe)
-    if settings is None:
-        return []
-    server = settings["server"]
-    services = server["services"]
-    vacuum = services["db_vacuum"]
-    listed = {
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": ", ".join(sorted(vacuum.get("enabled") or []))
-        or "(none)",
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": _days(vacuum.get("retention_period")),
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": ", ".join(
-            f"{name}: {_days(period)}"
-            for name, period in (vacuum.get("event_retention_overrides") or {}).items()
-        )
-        or "(none)",
-        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": _days(server["events"].get("retention_period")),
-        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": services["event_persister"].get("enabled"),
-        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": services["cancellation_cleanup"].get(
-            "enabled"
-        ),
-        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": services["late_runs"].get("enabled"),
-        "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": server["database"]["sqlalchemy"].get("pool_size"),
-        "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": server["database"]["sqlalchemy"].get(
-            "max_overflow"
-        ),
-    }
-    return [{"object": name, "value": str(value)} for name, value in listed.items()]
+    return [] if settings is None else listed_settings(settings)
 
 
 async def prefect_settings(probe: Probe) -> dict[str, Any] | None:
@@ -167,10 +148,3 @@ def _as_datetime(value: Any) -> datetime | None:
         return value
     parsed = datetime.fromisoformat(str(value))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _days(period: Any) -> str:
-    if period is None:
-        return "-"
-    seconds = _durations.validate_python(period).total_seconds()
-    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"

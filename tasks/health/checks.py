@@ -33,6 +33,7 @@ from tasks.health.models import (
     Severity,
     TableFigures,
 )
+from tasks.health.prefect_indexes import missing_indexes
 from tasks.health.statements import describe_error, rows_of
 from tasks.health.thresholds import Thresholds
 from tasks.reports import Progress, human_bytes
@@ -78,6 +79,15 @@ def each_table(select: Callable[[TableFigures, Probe], Row | None]) -> Query:
 def each_index(select: Callable[[IndexFigures, Probe], Row | None]) -> Query:
     async def run(probe: Probe) -> list[Row]:
         return [row for index in probe.report.indexes if (row := select(index, probe)) is not None]
+
+    return run
+
+
+def each_missing_index(*, if_not_exists: bool) -> Query:
+    """The later Prefect indexes (of one kind) the surveyed tables lack."""
+
+    async def run(probe: Probe) -> list[Row]:
+        return missing_indexes(probe.report.tables, probe.report.indexes, if_not_exists=if_not_exists)
 
     return run
 
@@ -364,6 +374,24 @@ CHECKS: tuple[Check, ...] = (
         unit="bytes",
     ),
     Check(
+        "missing_prefect_indexes",
+        "Indexes a later Prefect adds",
+        each_missing_index(if_not_exists=True),
+        Whenever("warning"),
+        "Prefect {added_in} adds this index to {value} (migration {revision}); without it its queries and "
+        "retention's deletes scan the table. Create it now, exactly as that migration does (the upgrade then "
+        "skips it): {statement}",
+    ),
+    Check(
+        "indexes_awaiting_upgrade",
+        "Indexes the next Prefect upgrade builds",
+        each_missing_index(if_not_exists=False),
+        Whenever("info"),
+        "Prefect {added_in} builds this index on {value} (migration {revision}) with a plain CREATE INDEX: do "
+        "not create it by hand, the upgrade would fail on it. Upgrading the server builds it (it locks "
+        "{value} against writes while it does).",
+    ),
+    Check(
         "connections",
         "Connections",
         sql(postgres.CONNECTIONS_SQL),
@@ -489,8 +517,7 @@ CHECKS: tuple[Check, ...] = (
         backlog.events_past_retention,
         Positive("warning"),
         "The oldest event ({oldest}) is {value} days past the event retention ({retention}): Prefect's "
-        "event vacuum is not running. Keep 'events' in PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED with "
-        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED=true on one server, or run the retention flow with "
+        "event trimming ({trimmed_by}) is not running. {trimming_advice}, or run the retention flow with "
         "events_older_than_days.",
         unit="days",
         backends=("postgresql", "sqlite"),

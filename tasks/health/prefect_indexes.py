@@ -1,0 +1,96 @@
+"""Indexes a later Prefect migration adds to a big table, and which of them a database lacks.
+
+The run tables are the same from Prefect 3.1 to 3.9, but their indexes are not: a server
+upgraded late (or a database restored from an old dump) misses indexes that make its queries
+and retention's deletes scan whole tables. Each record names the index, its table, its
+definition exactly as Prefect's own migration writes it, and the Prefect version (and
+migration) that adds it.
+
+Most of those migrations use `CREATE INDEX CONCURRENTLY IF NOT EXISTS`: running that same
+statement now gives the database the index a later upgrade would build (same name, same
+definition), and the upgrade then skips it. The 3.3.4 migration that rebuilds the events
+indexes uses a plain `CREATE INDEX`: created by hand first, the index would make that upgrade
+fail, so for those the advice is the upgrade itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.health.models import IndexFigures, TableFigures
+
+
+@dataclass(frozen=True)
+class PrefectIndex:
+    name: str
+    table: str
+    definition: str  # what follows `ON <table>`, as the migration writes it
+    added_in: str  # the first Prefect release whose migrations create it
+    revision: str  # that migration's revision id
+    if_not_exists: bool = True  # the migration skips an index that is already there
+
+    @property
+    def statement(self) -> str:
+        return f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {self.name} ON {self.table} {self.definition};"
+
+
+LATER_PREFECT_INDEXES = (
+    PrefectIndex("ix_events__event_occurred", "events", "(event, occurred)", "3.3.4", "7a73514ca2d6", False),
+    PrefectIndex("ix_events__related_gin", "events", "USING gin (related)", "3.3.4", "7a73514ca2d6", False),
+    PrefectIndex(
+        "ix_events__related_resource_ids_gin",
+        "events",
+        "USING gin (related_resource_ids)",
+        "3.3.4",
+        "7a73514ca2d6",
+        False,
+    ),
+    PrefectIndex(
+        "ix_flow_run__schedule_id_scheduler",
+        "flow_run",
+        "(deployment_id, (created_by->>'id'), next_scheduled_start_time) "
+        "WHERE state_type = 'SCHEDULED' AND auto_scheduled = true",
+        "3.6.19",
+        "a1b2c3d4e5f6",
+    ),
+    PrefectIndex(
+        "ix_task_run__state_type_start_time", "task_run", "(state_type, start_time)", "3.6.21", "09a9e091e578"
+    ),
+    PrefectIndex("ix_event_resources__occurred", "event_resources", "(occurred)", "3.7.5", "bad1e352c597"),
+    PrefectIndex("ix_event_resources__event_id", "event_resources", "(event_id)", "3.8.0", "50737cdaee36"),
+    PrefectIndex("ix_flow_run__deployment_id", "flow_run", "(deployment_id)", "3.8.4", "9e9dadc36797"),
+    PrefectIndex(
+        "ix_flow_run__state_type_coalesce_start_time",
+        "flow_run",
+        "(state_type, (coalesce(start_time, expected_start_time)))",
+        "3.8.7",
+        "d4a7e1c93f52",
+    ),
+)
+
+
+def missing_indexes(
+    tables: list[TableFigures], indexes: list[IndexFigures], *, if_not_exists: bool
+) -> list[dict[str, Any]]:
+    """A row per record (of the given kind) whose table is there and whose index is not."""
+    table_names = {_bare(table.name) for table in tables}
+    present = {(_bare(index.table), _bare(index.name)) for index in indexes}
+    return [
+        {
+            "object": record.name,
+            "value": record.table,
+            "added_in": record.added_in,
+            "revision": record.revision,
+        }
+        | ({"statement": record.statement} if record.if_not_exists else {})
+        for record in LATER_PREFECT_INDEXES
+        if record.if_not_exists == if_not_exists
+        and record.table in table_names
+        and (record.table, record.name) not in present
+    ]
+
+
+def _bare(name: str) -> str:
+    """A relation's name without its schema (the survey qualifies names outside `public`)."""
+    return name.rpartition(".")[2]

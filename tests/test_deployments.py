@@ -12,23 +12,21 @@ record their task runs.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import serving
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkPoolFilter, WorkPoolFilterName
+from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from sqlalchemy.engine import make_url
+from workers import start_worker, stop_worker, wait_until_final
 
 from deploy import PROJECT_ROOT, DeploymentConfigError, MaintenanceQueue, bootstrap, read_prefect_file
 from deploy.worker import check_alone_on_pool, worker_name
-from localstack.prefect_versions import run_with_client, venv_python
+from localstack.prefect_versions import run_with_client
 from localstack.seed import seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import call, prefect_client
@@ -41,8 +39,6 @@ SCHEDULED = {
     "db-health-report/daily": "0 6 * * *",
 }
 UNSCHEDULED = {"retention/ad-hoc"}
-# Long enough for a cold flow-run process on a busy 2-core machine; a run is normally done in 10-20 s.
-RUN_TIMEOUT_SECONDS = 240
 # Servers older than the project's client, each deployed to and served by its own Prefect too.
 OLDER_VERSIONS = ("3.1.15", "3.4.25")
 # What `prefect deploy` printed, which `make deploy` must not: a hint to start a worker per
@@ -288,51 +284,6 @@ async def test_roles_report_reads_purge_deletes_neither_reads_secrets(on_module_
                     await connection.execute(sa.text(f"SELECT * FROM {secret_table}"))
 
 
-async def wait_until_final(run_ids) -> dict:
-    """The final states of the runs; a generous timeout, no timing assertion."""
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    async with prefect_client() as client:
-        while True:
-            runs = {run_id: await client.read_flow_run(run_id) for run_id in run_ids}
-            if all(run.state is not None and run.state.is_final() for run in runs.values()):
-                return runs
-            assert time.monotonic() < deadline, {str(run.id): run.state_name for run in runs.values()}
-            await asyncio.sleep(1)
-
-
-def start_worker(
-    server, roles, log_path: Path, command: tuple[str, ...] = ("make", "--no-print-directory", "worker")
-) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            list(command),
-            cwd=PROJECT_ROOT,
-            env={
-                **os.environ,
-                "PREFECT_API_URL": server.api_url,
-                "MAINTENANCE_DATABASE_URL": roles["maintenance_purge"],
-                "MAINTENANCE_REPORT_DATABASE_URL": roles["maintenance_report"],
-                # Poll every second instead of every ten: the test waits less.
-                "PREFECT_WORKER_QUERY_SECONDS": "1",
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    # Prefect 3.8.8's worker answers the first SIGTERM with a graceful stop that can hang
-    # when idle; a second signal kills it, as its own handler does.
-    os.killpg(worker.pid, signal.SIGTERM)
-    try:
-        worker.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-
-
 def cli_run(server, deployment: str, *parameters: str) -> str:
     """`prefect deployment run` as the README shows it; returns the new run's id."""
     result = subprocess.run(
@@ -396,45 +347,6 @@ async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_module_server, f
                 await client.read_flow_run(run_id)
         for run_id in history.recent_finished:
             assert (await client.read_flow_run(run_id)).state.is_final()
-
-
-async def wait_for_task_runs(flow_run_id) -> list:
-    """The task runs of a flow run, once the server has recorded them from its events."""
-    deadline = time.monotonic() + 60
-    async with prefect_client() as client:
-        while True:
-            task_runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            if task_runs or time.monotonic() > deadline:
-                return task_runs
-            await asyncio.sleep(1)
-
-
-async def test_the_worker_of_an_older_server_runs_its_prefect_and_records_task_runs(
-    stack, older_server, older_deploy, tmp_path
-):
-    """`python -m deploy.worker` (what `make worker` runs) with the server's own Prefect, as
-    after `make install PREFECT_VERSION=...`: its runs record their task runs on the server."""
-    roles = apply_roles(stack, older_server)
-    python = venv_python(older_server.version())
-    worker = start_worker(
-        older_server, roles, tmp_path / "worker.log", command=(str(python), "-m", "deploy.worker")
-    )
-    try:
-        with serving(older_server):
-            async with prefect_client() as client:
-                deployment = await client.read_deployment_by_name("db-health-report/daily")
-                health = (await client.create_flow_run_from_deployment(deployment.id)).id
-            runs = await wait_until_final([health])
-            task_runs = await wait_for_task_runs(health)
-    finally:
-        stop_worker(worker)
-    log = (tmp_path / "worker.log").read_text(errors="replace")
-    assert runs[health].state_name == "Completed", log[-5000:]
-    assert f"starting worker '{worker_name()}' on {POOL}/{QUEUE}" in log
-    assert task_runs, "the run's task runs were not recorded"
-    assert {task_run.state_name for task_run in task_runs} == {"Completed"}
 
 
 async def test_the_worker_refuses_to_start_next_to_another_one(on_module_server, first_deploy):

@@ -6,26 +6,24 @@ venv's Prefect, the way a worker matching its server runs them: a messy history 
 through its API, reconcile found by SQL and through the API alone (dry run, then a real
 pass through the API only), retention through the API engine and the SQL engine (dry run,
 then real), the health report, then `make deploy` and one run through the single worker.
+The flows run through the command line, `prefect-maintenance`.
 What is left is read straight from the database.
 """
 
-import asyncio
 import json
-import os
-import signal
-import subprocess
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import serving
 from sqlalchemy import text
+from workers import start_worker, stop_worker, wait_for_task_runs, wait_until_final
 
+from cli import build_parser
 from localstack.orphans import count_orphans
 from localstack.prefect_versions import SUPPORTED_VERSIONS, run_with_client, venv_python
 from tasks.database import connect
-from tasks.prefect_api import DELETES_LOGS_OF_DELETED_RUNS, version_tuple
+from tasks.prefect_api import DELETES_LOGS_OF_DELETED_RUNS, prefect_client, version_tuple
 
 LATE_AFTER_HOURS = 48
 # Retention without pacing, events or vacuum: the matrix is about what goes.
@@ -67,14 +65,36 @@ class VersionedServer:
         self.client(["-m", "localstack.seed", "--prefix", prefix, "--json", str(target)], database=True)
         return json.loads(target.read_text())
 
-    def run_flow(self, flow: str, parameters: dict, *, database: bool) -> dict:
+    def run_flow(self, command: str, parameters: dict, *, database: bool) -> dict:
+        """`prefect-maintenance COMMAND` with these parameters as its options; the report."""
         self.runs += 1
         target = self.home / f"report-{self.runs}.json"
-        self.client(
-            ["-m", "localstack.run_flow", flow, json.dumps(parameters), "--json", str(target)],
-            database=database,
-        )
+        arguments = command_line(command, parameters)
+        if command == "retention" and not parameters.get("dry_run"):
+            arguments.append("--yes")
+        self.client(["-m", "cli", *arguments, "--json", str(target)], database=database)
         return json.loads(target.read_text())
+
+
+def command_line(command: str, parameters: dict) -> list[str]:
+    """The options of the command line that set these flow parameters."""
+    _, options = build_parser()
+    arguments = [command]
+    for parameter, value in parameters.items():
+        option = options[command][parameter]
+        if isinstance(value, bool):
+            arguments.append(option if value else f"--no-{option[2:]}")
+        elif value is None:
+            arguments += [option, "none"]
+        elif isinstance(value, list):
+            for item in value:
+                arguments += [option, str(item)]
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                arguments += [option, f"{key}={item}"]
+        else:
+            arguments += [option, str(value)]
+    return arguments
 
 
 @pytest.fixture(scope="module", params=SUPPORTED_VERSIONS)
@@ -120,11 +140,11 @@ async def reconciled(versioned: VersionedServer) -> Reconciled:
     every_run = [run_id for ids in history.values() if isinstance(ids, list) for run_id in ids]
     parameters = {"late_after_hours": LATE_AFTER_HOURS}
     before = await states_of(versioned.database_url, every_run)
-    sql_dry = versioned.run_flow("reconcile-stuck-runs", {**parameters, "dry_run": True}, database=True)
-    api_dry = versioned.run_flow("reconcile-stuck-runs", {**parameters, "dry_run": True}, database=False)
-    api_real = versioned.run_flow("reconcile-stuck-runs", parameters, database=False)
+    sql_dry = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=True)
+    api_dry = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=False)
+    api_real = versioned.run_flow("reconcile", parameters, database=False)
     after = await states_of(versioned.database_url, every_run)
-    sql_second = versioned.run_flow("reconcile-stuck-runs", {**parameters, "dry_run": True}, database=True)
+    sql_second = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=True)
     return Reconciled(history, before, sql_dry, api_dry, api_real, after, sql_second)
 
 
@@ -256,7 +276,7 @@ async def test_retention_by_sql_deletes_what_its_dry_run_counted_and_sweeps_ever
 
 @pytest.fixture(scope="module")
 async def health(versioned: VersionedServer, retained_by_sql) -> dict:
-    return versioned.run_flow("db-health-report", {}, database=True)
+    return versioned.run_flow("health", {}, database=True)
 
 
 async def test_the_health_report_runs_every_check(health):
@@ -264,81 +284,31 @@ async def test_the_health_report_runs_every_check(health):
     assert not [note for note in health["notes"] if "could not run" in note]
 
 
-def _worker_stops(worker: subprocess.Popen) -> None:
-    worker.send_signal(signal.SIGINT)
-    try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-
-
-async def _flow_run_state(database_url: str, flow_run_id: str) -> tuple[str | None, int]:
-    async with connect(database_url) as connection:
-        state = (
-            await connection.execute(
-                text("SELECT CAST(state_type AS text) FROM flow_run WHERE CAST(id AS text) = :id"),
-                {"id": flow_run_id},
-            )
-        ).scalar()
-        task_runs = (
-            await connection.execute(
-                text("SELECT count(*) FROM task_run WHERE CAST(flow_run_id AS text) = :id"),
-                {"id": flow_run_id},
-            )
-        ).scalar()
-    return state, task_runs
-
-
 async def test_deploy_and_one_run_through_the_single_worker(versioned: VersionedServer, health):
     output = versioned.client(["-m", "deploy.bootstrap"], database=False)
-    for name in ("nightly", "ad-hoc", "every-10-minutes", "daily"):
-        assert f"deployment {name!r}: on maintenance/maintenance" in output
-    run_id = (
-        versioned.client(
-            [
-                "-c",
-                # From synchronous code run_deployment runs itself, on every version.
-                "from prefect.deployments import run_deployment\n"
-                "print(run_deployment('db-health-report/daily', timeout=0).id)",
-            ],
-            database=False,
-        )
-        .strip()
-        .splitlines()[-1]
-    )
-    home = versioned.home / "worker"
-    home.mkdir(exist_ok=True)
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MAINTENANCE_"))
-    }
-    environment.update(
-        PREFECT_API_URL=versioned.server.api_url,
-        PREFECT_HOME=str(home),
-        MAINTENANCE_DATABASE_URL=versioned.database_url,
-    )
-    log = (home / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [str(venv_python(versioned.version)), "-m", "deploy.worker"],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    for name in (
+        "retention/nightly",
+        "retention/ad-hoc",
+        "reconcile-stuck-runs/every-10-minutes",
+        "db-health-report/daily",
+    ):
+        assert f"deployment {name!r}:" in output, output
+    assert output.splitlines()[-1] == "next: `make worker` starts the one worker of maintenance/maintenance"
+    database_url = versioned.database_url
+    roles = {"maintenance_purge": database_url, "maintenance_report": database_url}
+    command = (str(venv_python(versioned.version)), "-m", "deploy.worker")
+    worker = start_worker(versioned.server, roles, versioned.home / "worker.log", command=command)
     try:
-        deadline = time.monotonic() + 240
-        state, task_runs = None, 0
-        while time.monotonic() < deadline:
-            state, task_runs = await _flow_run_state(versioned.database_url, run_id)
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and task_runs:
-                break
-            await asyncio.sleep(1)
+        with serving(versioned.server):
+            async with prefect_client() as client:
+                deployment = await client.read_deployment_by_name("db-health-report/daily")
+                run_id = (await client.create_flow_run_from_deployment(deployment.id)).id
+            runs = await wait_until_final([run_id])
+            task_runs = await wait_for_task_runs(run_id)
     finally:
-        _worker_stops(worker)
-        log.close()
-    worker_log = (home / "worker.log").read_text()[-4000:]
-    assert state == "COMPLETED", worker_log
+        stop_worker(worker)
+    log = (versioned.home / "worker.log").read_text(errors="replace")[-5000:]
+    assert runs[run_id].state_name == "Completed", log
     # The flow's own task runs reach the server through its event stream.
-    assert task_runs > 0, worker_log
-    assert uuid.UUID(run_id)
+    assert task_runs, log
+    assert {task_run.state_name for task_run in task_runs} == {"Completed"}

@@ -15,6 +15,8 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
+# The locked requirements of each supported Prefect version, for a worker of an older server.
+PREFECT_VERSIONS_DIR = PROJECT_ROOT / "prefect-versions"
 
 
 class DeploymentConfigError(RuntimeError):

@@ -34,7 +34,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 from deploy import (
-    PROJECT_ROOT,
+    PREFECT_VERSIONS_DIR,
     DeploymentConfigError,
     MaintenanceQueue,
     maintenance_queue,
@@ -50,7 +50,6 @@ QUEUE_CONCURRENCY_LIMIT = 1
 # Read by prefect.yaml's `{{ $...}}` placeholders while deploying; the user's value wins.
 DEPLOY_ENVIRONMENT_DEFAULTS = {"MAINTENANCE_TIMEZONE": "UTC"}
 # `make install PREFECT_VERSION=<version>` installs the Prefect of a server listed here.
-PREFECT_VERSIONS_DIR = PROJECT_ROOT / "prefect-versions"
 
 
 async def ensure_work_pool(name: str) -> str:

@@ -23,11 +23,13 @@ import socket
 import sys
 
 import httpx
+import prefect
 from prefect.cli.worker import start as prefect_worker_start
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 from prefect.exceptions import ObjectNotFound
 
 from deploy import (
+    PREFECT_VERSIONS_DIR,
     PROJECT_ROOT,
     DeploymentConfigError,
     MaintenanceQueue,
@@ -35,7 +37,7 @@ from deploy import (
     read_deployments,
     require_api_url,
 )
-from tasks.prefect_api import prefect_client
+from tasks.prefect_api import EVENT_STREAM_ACCEPTS_AUTH, prefect_client, server_version, version_tuple
 
 # One flow run at a time on this worker, whatever the queue says.
 WORKER_RUN_LIMIT = 1
@@ -62,6 +64,22 @@ async def check_alone_on_pool(target: MaintenanceQueue, name: str) -> None:
             f"another worker is online on work pool {target.pool!r}: {', '.join(others)}. "
             "The maintenance queue has exactly one worker: stop that one first (it counts as "
             "online until about 90 s after its last heartbeat)"
+        )
+
+
+async def check_client_fits_server() -> None:
+    """From 3.6.14 the client authenticates on the event stream, which older servers refuse:
+    such a worker's runs crash (`EventsWorker failed`) or lose their task runs."""
+    async with prefect_client() as client:
+        server = await server_version(client)
+    if server < EVENT_STREAM_ACCEPTS_AUTH <= version_tuple(prefect.__version__):
+        server_text = ".".join(map(str, server))
+        supported = sorted(path.stem for path in PREFECT_VERSIONS_DIR.glob("*.txt"))
+        raise DeploymentConfigError(
+            f"this worker's Prefect {prefect.__version__} cannot open the event stream of the "
+            f"Prefect {server_text} server, so its runs would crash: install the server's Prefect "
+            f"first, `make install PREFECT_VERSION={server_text}` (supported: {', '.join(supported)}), "
+            "or build the image with that PREFECT_VERSION"
         )
 
 
@@ -96,6 +114,7 @@ def main() -> int:
     try:
         require_api_url()
         target = maintenance_queue(read_deployments())
+        asyncio.run(check_client_fits_server())
         asyncio.run(check_alone_on_pool(target, name))
     except DeploymentConfigError as error:
         print(f"worker not started: {error}", file=sys.stderr)

@@ -29,8 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deploy import PREFECT_VERSIONS_DIR
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS_DIR = PROJECT_ROOT / "prefect-versions"
 VENVS_DIR = PROJECT_ROOT / ".local" / "prefect-versions"
 
 # What each supported server needs besides the project's own requirements.
@@ -50,7 +51,7 @@ def requirements_file(version: str) -> Path:
         raise SystemExit(
             f"Prefect {version} is not a supported version; supported: {', '.join(SUPPORTED_VERSIONS)}"
         )
-    return REQUIREMENTS_DIR / f"{version}.txt"
+    return PREFECT_VERSIONS_DIR / f"{version}.txt"
 
 
 def uv() -> str:

@@ -349,6 +349,17 @@ async def test_ad_hoc_cleanup_goes_through_the_single_worker(on_module_server, f
             assert (await client.read_flow_run(run_id)).state.is_final()
 
 
+async def test_a_worker_with_a_newer_prefect_than_an_older_server_refuses_to_start(
+    older_server, older_deploy
+):
+    # From 3.6.14 the client authenticates on the event stream, which older servers refuse.
+    result = make("worker", older_server)
+    version = older_server.version()
+    assert result.returncode != 0
+    assert f"cannot open the event stream of the Prefect {version} server" in result.stderr
+    assert f"make install PREFECT_VERSION={version}" in result.stderr
+
+
 async def test_the_worker_refuses_to_start_next_to_another_one(on_module_server, first_deploy):
     async with prefect_client() as client:
         await client.send_worker_heartbeat(POOL, "someone-elses-worker", heartbeat_interval_seconds=30)

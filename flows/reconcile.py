@@ -4,7 +4,9 @@ Every few minutes (deployment `reconcile-stuck-runs/every-10-minutes`), or by ha
 the UI with a dry run first. Each rule of `tasks.reconcile.rules.RULES` in turn: find its
 runs (read-only, by SQL when the database is reachable, through the API otherwise), then
 end them through the API, skipping runs that changed meanwhile, at most `max_actions`
-per pass. Publishes the `reconcile-report` artifact and returns the report.
+per pass. A rule that fails is reported with its error and the next rules go on.
+Publishes the `reconcile-report` artifact and returns the report; the run ends Failed,
+naming the failed rules, when any rule failed.
 """
 
 import time
@@ -16,7 +18,7 @@ from prefect import flow, get_run_logger
 from tasks.reconcile.actions import end_stuck_runs
 from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
-from tasks.reconcile.report import ReconcileReport, RuleReport, publish_reconcile_report
+from tasks.reconcile.report import ReconcileReport, RuleReport, final_state, publish_reconcile_report
 from tasks.reconcile.rules import RULES
 from tasks.reports import Progress
 
@@ -93,25 +95,28 @@ async def reconcile_stuck_runs(
             report.rules.append(RuleReport.of(rule, parameters))
             continue
         rule_started = time.monotonic()
-        findings = await find_stuck_runs(rule, parameters, scope, source, ending)
-        if findings.candidates or findings.unreadable:
-            outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
-        else:
-            outcome = RuleReport.of(rule, parameters)
-        if rule.ends_run:
-            ending.update(outcome.ended_flow_runs())
-        while rule.follows_the_tree_down and outcome.ended_flow_runs():
-            deeper = await find_stuck_runs(rule, parameters, scope, source, ending)
-            seen = set(outcome.ids())
-            deeper.candidates = [found for found in deeper.candidates if found.run.run_id not in seen]
-            if not deeper.candidates:
-                break
-            outcome.absorb(
-                await end_stuck_runs(
-                    rule, deeper, parameters, scope, budget - outcome.fixed - outcome.skipped
+        outcome = RuleReport.of(rule, parameters)
+        try:
+            findings = await find_stuck_runs(rule, parameters, scope, source, ending)
+            if findings.candidates or findings.unreadable:
+                outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
+            if rule.ends_run:
+                ending.update(outcome.ended_flow_runs())
+            while rule.follows_the_tree_down and outcome.ended_flow_runs():
+                deeper = await find_stuck_runs(rule, parameters, scope, source, ending)
+                seen = set(outcome.ids())
+                deeper.candidates = [found for found in deeper.candidates if found.run.run_id not in seen]
+                if not deeper.candidates:
+                    break
+                outcome.absorb(
+                    await end_stuck_runs(
+                        rule, deeper, parameters, scope, budget - outcome.fixed - outcome.skipped
+                    )
                 )
-            )
-            ending.update(outcome.ended_flow_runs())
+                ending.update(outcome.ended_flow_runs())
+        except Exception as error:  # one rule's failure must not stop the others
+            outcome.fail(error)
+            logger.error("%s failed: %s", rule.title, outcome.error)
         outcome.seconds = round(time.monotonic() - rule_started, 3)
         budget -= outcome.fixed + outcome.skipped
         report.rules.append(outcome)
@@ -129,4 +134,4 @@ async def reconcile_stuck_runs(
     report.seconds = round(time.monotonic() - clock, 3)
     await publish_reconcile_report(report)
     logger.info("Reconcile %s", report.summary())
-    return report
+    return final_state(report)

@@ -98,8 +98,7 @@ async def connect(
             connection = await engine.connect()
         except Exception as error:
             raise DatabaseUnavailable(
-                f"could not connect to the {describe_database_url(url)}: "
-                f"{type(error).__name__}: {_redacted(error, url)}"
+                f"could not connect to the {describe_database_url(url)}: {describe_error(error, url)}"
             ) from None
         try:
             yield connection
@@ -121,15 +120,19 @@ async def is_reachable(url: str | SecretStr | None) -> bool:
         return False
 
 
-def _redacted(error: BaseException, url: str | SecretStr) -> str:
-    """The error's first line, with anything from the URL that looks secret removed."""
-    raw = url.get_secret_value() if isinstance(url, SecretStr) else url
+def describe_error(error: BaseException, url: str | SecretStr | None = None) -> str:
+    """`Type: first line` of the error, with anything from the database URL (by default the
+    configured one) that looks secret removed: safe for logs, reports and exceptions."""
+    if url is None:
+        url = get_settings().database_url
     message = str(getattr(error, "orig", None) or error).splitlines()[0] if str(error) else ""
-    message = message.replace(raw, "<database url>")
-    try:
-        password = make_url(raw).password
-    except Exception:
-        password = None
-    if password:
-        message = message.replace(str(password), "***")
-    return message[:300]
+    if url is not None:
+        raw = url.get_secret_value() if isinstance(url, SecretStr) else url
+        message = message.replace(raw, "<database url>")
+        try:
+            password = make_url(raw).password
+        except Exception:
+            password = None
+        if password:
+            message = message.replace(str(password), "***")
+    return f"{type(error).__name__}: {message[:300]}"

@@ -7,5 +7,7 @@
   API otherwise, and `count_stuck_runs()` for the health report;
 - `heartbeats`: the latest `prefect.flow-run.heartbeat` of many runs at once;
 - `actions`: re-read, then end each run through the API, one event per fixed run;
+- `unreadable`: the ids of runs the API cannot read, from their events, for servers
+  without `bulk_set_state`;
 - `report`: the pass's report and its markdown.
 """

@@ -20,7 +20,8 @@ from prefect.client.schemas.objects import State, StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 
-from tasks.prefect_api import BULK_LIMIT, call, prefect_client
+from tasks.database import describe_error
+from tasks.prefect_api import BULK_FLOW_RUN_ROUTES, BULK_LIMIT, call, prefect_client, server_has
 from tasks.reconcile.detect import (
     Candidate,
     Findings,
@@ -30,8 +31,9 @@ from tasks.reconcile.detect import (
     scope_filters,
 )
 from tasks.reconcile.parameters import ReconcileParameters
-from tasks.reconcile.report import RuleReport, RunAction
-from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule
+from tasks.reconcile.report import Outcome, RuleReport, RunAction
+from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule, RunKind, Verdict
+from tasks.reconcile.unreadable import UnreadableRun, find_unreadable_running_runs
 from tasks.settings import get_settings
 
 RECONCILED_EVENT = "prefect-maintenance.run.reconciled"
@@ -64,9 +66,12 @@ async def end_stuck_runs(
                         report.record(_action(candidate, "skipped", _error_reason(error)))
         budget -= len(acting)
         if rule.unreadable_are_found and findings.unreadable and budget > 0:
-            await _repair_unreadable(
-                client, rule, findings.unreadable, parameters.dry_run, scope, budget, report
-            )
+            try:
+                await _repair_unreadable(
+                    client, rule, findings.unreadable, parameters.dry_run, scope, budget, report
+                )
+            except Exception as error:  # the rule fails; what it did so far stays reported
+                report.fail(error)
     for candidate in left:
         report.record(_action(candidate, "left", "max_actions reached in this pass"))
     return report
@@ -139,7 +144,7 @@ async def _act_on_batch(
 
 
 def _error_reason(error: Exception) -> str:
-    return f"error: {type(error).__name__}: {str(error)[:200]}"
+    return f"error: {describe_error(error)}"
 
 
 async def _why_not_delete(client: PrefectClient, run_id: UUID) -> str | None:
@@ -162,12 +167,18 @@ async def _apply(client: PrefectClient, rule: Rule, candidate: Candidate) -> str
         except ObjectNotFound:
             return "the run no longer exists"
         return None
+    return await _set_state(client, rule, candidate.run_kind, run_id, verdict)
+
+
+async def _set_state(
+    client: PrefectClient, rule: Rule, run_kind: RunKind, run_id: UUID, verdict: Verdict
+) -> str | None:
     state = State(
         type=StateType(verdict.target_type),
         name=verdict.target_name,
         message=state_message(rule, verdict.seen),
     )
-    if candidate.run_kind == "flow_run":
+    if run_kind == "flow_run":
         result = await client.set_flow_run_state(run_id, state, force=rule.force)
     else:
         result = await client.set_task_run_state(run_id, state, force=rule.force)
@@ -175,6 +186,26 @@ async def _apply(client: PrefectClient, rule: Rule, candidate: Candidate) -> str
         return None
     detail = getattr(result.details, "reason", None) or "no reason given"
     return f"the API answered {result.status.value}: {detail}"
+
+
+# What a run the API cannot read is seen as and given: its Running state, recorded again.
+_UNREADABLE_VERDICT = Verdict(
+    "RUNNING", STATE_NAMES["RUNNING"], "Running with no state timestamp; its Running state is recorded again"
+)
+
+
+def _unreadable_action(run_id: UUID, run_name: str, outcome: Outcome, reason: str | None = None) -> RunAction:
+    return RunAction(
+        run_id=run_id,
+        run_kind="flow_run",
+        run_name=run_name,
+        from_state="Running",
+        to_state=_UNREADABLE_VERDICT.target_name,
+        to_type=_UNREADABLE_VERDICT.target_type,
+        seen=_UNREADABLE_VERDICT.seen,
+        outcome=outcome,
+        reason=reason,
+    )
 
 
 async def _repair_unreadable(
@@ -186,37 +217,46 @@ async def _repair_unreadable(
     budget: int,
     report: RuleReport,
 ) -> None:
-    """Repair runs the API cannot list, by a filter that selects exactly them.
+    """Repair runs the API cannot list.
 
-    Their ids cannot be read, but every other Running run can: the filter is "Running,
-    started before this re-read, and none of the readable ones". `bulk_set_state` answers
-    with the id of every run it changed. In a dry run they are counted, without ids.
+    Their ids cannot be read, but every other Running run can. From 3.6.16 one filter
+    selects exactly them: "Running, started before this re-read, and none of the readable
+    ones", and `bulk_set_state` answers with the id of every run it changed; in a dry run
+    they are counted, without ids. Older servers, and scopes naming flows (a flow run
+    filter cannot name flows), repair them one id at a time, the ids learnt from their
+    events.
     """
-    if scope.flow_names:
-        # bulk_set_state takes a flow run filter only, which cannot name flows: such a
-        # repair could reach runs outside the scope.
-        report.skipped += expected
-        report.notes.append(
-            f"{expected} unreadable runs were not repaired: through the API they can only be "
-            "repaired by a filter, and flow_names cannot be part of it (use tags, deployments "
-            "or work queues, or give the flow the database)"
-        )
-        return
-    scoped_runs, _ = scope_filters(scope)
+    scoped_runs, scoped_flows = scope_filters(scope)
     flow_runs = {**scoped_runs, "state": {"type": {"any_": list(rule.selection.state_types or ())}}}
     reread_at = datetime.now(UTC)
     readable, still_unreadable = await read_every_row(
-        client, "/flow_runs/filter", {"flow_runs": flow_runs, "sort": "ID_DESC"}
+        client,
+        "/flow_runs/filter",
+        {"flow_runs": flow_runs, "flows": scoped_flows or None, "sort": "ID_DESC"},
     )
-    handled = min(still_unreadable, budget)
     report.skipped += max(0, expected - still_unreadable)
+    if scope.flow_names or not await server_has(client, BULK_FLOW_RUN_ROUTES):
+        why_no_filter = (
+            "a filter cannot name flows (flow_names)"
+            if scope.flow_names
+            else f"this server has no bulk_set_state, which repairs them by a filter from Prefect "
+            f"{'.'.join(map(str, BULK_FLOW_RUN_ROUTES))}"
+        )
+        readable_ids = [UUID(row["id"]) for row in readable]
+        found = await find_unreadable_running_runs(client, flow_runs, scoped_flows, readable_ids)
+        unreadable = min(expected, still_unreadable)
+        await _repair_by_id(
+            client, rule, found[:unreadable], unreadable, dry_run, budget, why_no_filter, report
+        )
+        return
+    handled = min(still_unreadable, budget)
     report.left += min(expected, still_unreadable) - handled
     if dry_run:
         report.fixed += handled
         report.notes.append(f"{handled} runs would be repaired; their ids show once they are")
         return
     excluded = [row["id"] for row in readable]
-    message = state_message(rule, "Running with no state timestamp; its Running state is recorded again")
+    message = state_message(rule, _UNREADABLE_VERDICT.seen)
     repaired: list[RunAction] = []
     while len(repaired) < handled:
         answer = await call(
@@ -240,22 +280,59 @@ async def _repair_unreadable(
             excluded.append(result["flow_run_id"])
             accepted = result["status"] == SetStateStatus.ACCEPT.value
             repaired.append(
-                RunAction(
-                    run_id=result["flow_run_id"],
-                    run_kind="flow_run",
-                    run_name="(unreadable through the API)",
-                    from_state="Running",
-                    to_state="Running",
-                    to_type="RUNNING",
-                    seen="Running with no state timestamp",
-                    outcome="fixed" if accepted else "skipped",
-                    reason=None if accepted else f"the API answered {result['status']}",
+                _unreadable_action(
+                    result["flow_run_id"],
+                    "(unreadable through the API)",
+                    "fixed" if accepted else "skipped",
+                    None if accepted else f"the API answered {result['status']}",
                 )
             )
     report.skipped += handled - len(repaired)
     for action in repaired:
         report.record(action)
     await _emit_reconciled(client, rule, [action for action in repaired if action.outcome == "fixed"])
+
+
+async def _repair_by_id(
+    client: PrefectClient,
+    rule: Rule,
+    found: list[UnreadableRun],
+    unreadable: int,
+    dry_run: bool,
+    budget: int,
+    why_no_filter: str,
+    report: RuleReport,
+) -> None:
+    """Repair each unreadable run whose id was learnt; the others are skipped, saying why."""
+    missing = unreadable - len(found)
+    if missing:
+        report.skipped += missing
+        report.notes.append(
+            f"{missing} unreadable runs cannot be repaired through the API: their ids could not be "
+            "learnt (no prefect.flow-run.Running event of theirs is left; events are kept for "
+            f"PREFECT_EVENTS_RETENTION_PERIOD) and {why_no_filter}. Give the flow database access "
+            "(MAINTENANCE_DATABASE_URL), which finds them by id"
+        )
+    acting, left = found[:budget], found[budget:]
+    for run in left:
+        report.record(
+            _unreadable_action(run.run_id, run.run_name, "left", "max_actions reached in this pass")
+        )
+    if dry_run:
+        for run in acting:
+            report.record(_unreadable_action(run.run_id, run.run_name, "would fix"))
+        return
+    fixed = []
+    for run in acting:
+        try:
+            reason = await _set_state(client, rule, "flow_run", run.run_id, _UNREADABLE_VERDICT)
+        except Exception as error:  # one run's failure must not stop the others
+            reason = _error_reason(error)
+        action = _unreadable_action(run.run_id, run.run_name, "skipped" if reason else "fixed", reason)
+        report.record(action)
+        if action.outcome == "fixed":
+            fixed.append(action)
+    await _emit_reconciled(client, rule, fixed)
 
 
 async def _emit_reconciled(client: PrefectClient, rule: Rule, actions: list[RunAction]) -> None:

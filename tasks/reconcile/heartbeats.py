@@ -30,30 +30,37 @@ LATEST_HEARTBEAT_SQL = (
 _MAXIMUM_LOOKBACK = timedelta(days=999)
 
 
+async def latest_by_resource(
+    client: PrefectClient, event: str, resources: dict[str, list[str]], since: datetime | None = None
+) -> list[dict]:
+    """Per resource matching `resources` (an event resource filter): its name (`label`) and
+    the first and last time it had `event` (`start_time`, `end_time`) since `since`."""
+    now = datetime.now(UTC)
+    since = max(since or now - _MAXIMUM_LOOKBACK, now - _MAXIMUM_LOOKBACK)
+    return await call(
+        client,
+        "POST",
+        "/events/count-by/resource",
+        json={
+            "filter": {
+                "occurred": {"since": since.isoformat(), "until": now.isoformat()},
+                "event": {"name": [event]},
+                "resource": resources,
+            },
+            "time_unit": "day",
+        },
+    )
+
+
 async def latest_heartbeats(
     client: PrefectClient, run_ids: Iterable[UUID], since: datetime
 ) -> dict[UUID, datetime]:
     """Run id -> time of its latest heartbeat event after `since`, for the runs that have one."""
-    now = datetime.now(UTC)
-    since = max(since, now - _MAXIMUM_LOOKBACK)
     ids = list(dict.fromkeys(run_ids))
     latest: dict[UUID, datetime] = {}
     for start in range(0, len(ids), PAGE_SIZE):
-        chunk = ids[start : start + PAGE_SIZE]
-        counts = await call(
-            client,
-            "POST",
-            "/events/count-by/resource",
-            json={
-                "filter": {
-                    "occurred": {"since": since.isoformat(), "until": now.isoformat()},
-                    "event": {"name": [HEARTBEAT_EVENT]},
-                    "resource": {"id": [f"{RESOURCE_PREFIX}{run_id}" for run_id in chunk]},
-                },
-                "time_unit": "day",
-            },
-        )
-        for count in counts:
+        resources = {"id": [f"{RESOURCE_PREFIX}{run_id}" for run_id in ids[start : start + PAGE_SIZE]]}
+        for count in await latest_by_resource(client, HEARTBEAT_EVENT, resources, since):
             latest[UUID(count["value"].removeprefix(RESOURCE_PREFIX))] = datetime.fromisoformat(
                 count["end_time"]
             )

@@ -9,8 +9,10 @@ from uuid import UUID
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
+from tasks.database import describe_error
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.rules import Rule
 from tasks.reports import markdown_table, publish_markdown, publish_table
@@ -51,6 +53,8 @@ class RuleReport(BaseModel):
     unreadable: int = 0
     runs: list[RunAction] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    # Set when the rule stopped on an error; what it did before that is still counted.
+    error: str | None = None
     seconds: float = 0.0
 
     @classmethod
@@ -71,6 +75,9 @@ class RuleReport(BaseModel):
             self.skipped += 1
         else:
             self.left += 1
+
+    def fail(self, error: BaseException) -> None:
+        self.error = describe_error(error)
 
     def absorb(self, deeper: RuleReport) -> None:
         """Add what the same rule found and did one level further down the tree."""
@@ -120,11 +127,16 @@ class ReconcileReport(BaseModel):
     def rule(self, name: str) -> RuleReport:
         return next(rule for rule in self.rules if rule.rule == name)
 
+    def failed_rules(self) -> list[str]:
+        return [rule.rule for rule in self.rules if rule.error]
+
     def summary(self) -> str:
         verb = "would fix" if self.dry_run else "fixed"
+        failed = self.failed_rules()
         return (
             f"found {self.found} stuck runs, {verb} {self.fixed}, skipped {self.skipped}, "
             f"left {self.left} for the next pass, in {self.seconds:.1f} s"
+            + (f"; rules that failed: {', '.join(failed)}" if failed else "")
         )
 
     def table_rows(self) -> list[dict[str, str]]:
@@ -162,6 +174,8 @@ class ReconcileReport(BaseModel):
             ),
         ]
         for rule in self.rules:
+            if rule.error:
+                lines += ["", f"**{rule.title} failed**: {rule.error}"]
             if rule.unreadable:
                 lines += ["", f"{rule.title}: {rule.unreadable} runs could not be read through the API."]
             lines += [f"\n{rule.title}: {note}." for note in rule.notes]
@@ -197,4 +211,17 @@ async def publish_reconcile_report(report: ReconcileReport) -> None:
     await publish_markdown(REPORT_KEY, report.to_markdown(), description=report.summary())
     await publish_table(
         RUNS_TABLE_KEY, report.table_rows(), description=f"Runs of this pass: {report.summary()}"
+    )
+
+
+def final_state(report: ReconcileReport) -> ReconcileReport | State:
+    """The report, or a Failed state carrying it when a rule failed: a pass that only half
+    worked must not look Completed."""
+    failed = report.failed_rules()
+    if not failed:
+        return report
+    reasons = "; ".join(f"{rule.rule}: {rule.error}" for rule in report.rules if rule.error)
+    return Failed(
+        message=f"Rules failed: {reasons}. The other rules ran; `{REPORT_KEY}` says what each did.",
+        data=report,
     )

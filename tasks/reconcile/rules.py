@@ -121,7 +121,8 @@ class Rule:
     # False for a repair that leaves the run where it was (it can still be judged later).
     ends_run: bool = True
     # Through the API the runs this rule exists for cannot be read at all: the ones that
-    # fail to load are counted as found, and their ids are learnt when they are repaired.
+    # fail to load are counted as found; their ids are learnt when `bulk_set_state` repairs
+    # them, or before, from their events, where it is missing.
     unreadable_are_found: bool = False
     # A run this rule ends can make its own subflows match the rule: the rule is applied
     # again, one level further down the tree, until nothing new is found.

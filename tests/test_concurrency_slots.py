@@ -22,13 +22,14 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from conftest import serving
+from conftest import serving, use_server
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Completed, Pending, Running
 from test_deployments import stop_worker, wait_until_final
 
 from deploy import PROJECT_ROOT
+from flows.db_health import db_health_report
 from flows.reconcile import reconcile_stuck_runs
 from tasks.database import connect
 from tasks.prefect_api import HEARTBEAT_EVENT, call, prefect_client
@@ -136,24 +137,30 @@ def start_node(server, log_path: Path) -> subprocess.Popen:
         )
 
 
-def lose_node(node: subprocess.Popen) -> None:
-    """The node is gone: kill -9 for the worker and every flow process it started."""
+def lose_node(node: subprocess.Popen, run_id: UUID) -> None:
+    """The node is gone: kill -9 for the worker and for the run's flow process (the worker
+    starts each flow process in a session of its own)."""
     os.killpg(node.pid, signal.SIGKILL)
     node.wait(timeout=10)
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
 
 
 async def test_a_lost_node_and_a_restart_leave_the_limit_holding_its_live_run(fresh_server, tmp_path):
     server = fresh_server(extra_env=FAST_REPOSSESSOR)
     with serving(server):
         deployment = await create_deployment("nightly-export")
+        lost = await run_deployment(deployment, seconds=600)
         node = start_node(server, tmp_path / "node-1.log")
         try:
-            lost = await run_deployment(deployment, seconds=600)
             await wait_for(lambda: running(lost), "the first run to start")
             # The zombie rule judges runs by their last heartbeat: let it send one.
             await wait_for(lambda: has_sent_a_heartbeat(lost), "its first heartbeat", timeout=90)
         finally:
-            lose_node(node)
+            lose_node(node, lost)
         assert await active_slots(deployment) == 1
         # Its lease would live 300 s more (the engine renews for 300 s): shorten it, as if
         # those five minutes had passed, and let the repossessor take the slot back.
@@ -212,12 +219,15 @@ async def set_state(run_id: UUID, state) -> None:
     assert result.status == SetStateStatus.ACCEPT, result
 
 
-@pytest.mark.parametrize("version", ["3.1.15", "3.6.29", None])
-async def test_a_slot_no_run_holds_is_freed_on_every_supported_server(fresh_server, version):
+@pytest.mark.parametrize(
+    ("version", "with_database"), [("3.1.15", True), ("3.6.29", True), (None, True), (None, False)]
+)
+async def test_a_slot_no_run_holds_is_freed_on_every_supported_server(fresh_server, version, with_database):
     # A slot counted with no run holding it (here taken by hand with /increment, as a
     # script or a client that died between taking and recording it leaves one): every
     # later run of the deployment waits for ever.
-    with serving(fresh_server(version=version)):
+    server = fresh_server(version=version)
+    with use_server(server.api_url, server.database_url if with_database else None):
         leaked = await create_deployment("leaked")
         async with prefect_client() as client:
             await call(
@@ -229,6 +239,7 @@ async def test_a_slot_no_run_holds_is_freed_on_every_supported_server(fresh_serv
         waiting = await run_deployment(leaked, seconds=1)
         assert not await take_slot(waiting)
         dry = await reconcile_stuck_runs(dry_run=True)
+        assert dry.detection == ("sql" if with_database else "api")
         expected = [("hold-slot/leaked", 1, 0, "decrement 1", [])]
         assert slot_changes(dry) == expected
         assert await active_slots(leaked) == 1
@@ -374,3 +385,41 @@ async def test_runs_starting_and_finishing_during_the_pass_are_never_over_admitt
     assert admitted > 6
     # Nothing holds it now: every slot is free, none leaked, none missing.
     assert (await holding(on_fresh_server.database_url))[deployment] == (0, 0)
+
+
+async def test_the_health_report_lists_every_limit_and_flags_slots_no_live_run_holds(on_fresh_server):
+    leaked = await create_deployment("leaked")
+    async with prefect_client() as client:
+        await call(client, "POST", "/v2/concurrency_limits/", json={"name": "db", "limit": 3})
+        await call(client, "POST", "/v2/concurrency_limits/", json={"name": "api", "limit": 2})
+        for name in (f"deployment:{leaked}", "db"):
+            await call(client, "POST", "/v2/concurrency_limits/increment", json={"names": [name], "slots": 1})
+    report = await db_health_report(thresholds={"leaked_slot_minutes": 0})
+    listed = {row["object"]: row for row in report.findings["concurrency_slots"]}
+    assert set(listed) == {f"deployment:{leaked} (hold-slot/leaked)", "db", "api"}
+    assert (listed["db"]["active_slots"], listed["api"]["active_slots"]) == (1, 0)
+    flags = {flag.object: flag for flag in report.flags if flag.check == "concurrency_slots"}
+    assert set(flags) == {f"deployment:{leaked} (hold-slot/leaked)", "db"}
+    assert "rule concurrency-slots frees them" in flags[f"deployment:{leaked} (hold-slot/leaked)"].advice
+    assert '/api/v2/concurrency_limits/decrement with {"names": ["db"], "slots": 1}' in flags["db"].advice
+    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE" in flags["db"].advice
+
+    # A live run whose slot was freed twice: flagged at once; the global slot may be its.
+    short = await create_deployment("freed-twice")
+    holder = await run_deployment(short, seconds=1)
+    assert await take_slot(holder)
+    await set_state(holder, Running())
+    async with prefect_client() as client:
+        await call(
+            client,
+            "POST",
+            "/v2/concurrency_limits/decrement",
+            json={"names": [f"deployment:{short}"], "slots": 1},
+        )
+    report = await db_health_report()
+    flags = {flag.object: flag for flag in report.flags if flag.check == "concurrency_slots"}
+    assert set(flags) == {f"deployment:{short} (hold-slot/freed-twice)"}
+    assert flags[f"deployment:{short} (hold-slot/freed-twice)"].value == 1
+    assert (
+        "admits 1 run(s) beyond its limit of 1" in flags[f"deployment:{short} (hold-slot/freed-twice)"].advice
+    )

@@ -16,6 +16,7 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 
 from tasks.reconcile.actions import end_stuck_runs
+from tasks.reconcile.concurrency import reconcile_concurrency_slots
 from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
 from tasks.reconcile.report import ReconcileReport, RuleReport, final_state, publish_reconcile_report
@@ -97,9 +98,12 @@ async def reconcile_stuck_runs(
         rule_started = time.monotonic()
         outcome = RuleReport.of(rule, parameters)
         try:
-            findings = await find_stuck_runs(rule, parameters, scope, source, ending)
-            if findings.candidates or findings.unreadable:
-                outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
+            if rule.judge is None:
+                outcome = await reconcile_concurrency_slots(rule, parameters, scope, source, budget)
+            else:
+                findings = await find_stuck_runs(rule, parameters, scope, source, ending)
+                if findings.candidates or findings.unreadable:
+                    outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
             if rule.ends_run:
                 ending.update(outcome.ended_flow_runs())
             while rule.follows_the_tree_down and outcome.ended_flow_runs():

@@ -23,7 +23,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tasks.health import backlog, postgres, sqlite
+from tasks.health import backlog, concurrency, postgres, sqlite
 from tasks.health.models import (
     Backend,
     Flag,
@@ -510,6 +510,14 @@ CHECKS: tuple[Check, ...] = (
         "(a dry run first: dry_run=true).",
         unit="runs",
         backends=("postgresql", "sqlite"),
+    ),
+    Check(
+        "concurrency_slots",
+        "Concurrency slots held by no live run, or missing",
+        concurrency.concurrency_limits,
+        Positive("warning", threshold_keys=("leaked_slot_minutes",)),
+        "{advice}",
+        unit="slots",
     ),
     Check(
         "events_past_retention",

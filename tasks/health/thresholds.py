@@ -57,6 +57,11 @@ class Thresholds(BaseModel):
     )
     sequence_percent_critical: float = Field(95, ge=0, le=100, description="A sequence's use: critical at.")
     deadlocks: float = Field(0, ge=0, description="New deadlocks since the previous report: warning above.")
+    leaked_slot_minutes: float = Field(
+        15,
+        ge=0,
+        description="Concurrency slots held by no live run, unchanged for this long, are flagged.",
+    )
     sqlite_free_percent: float = Field(
         20, ge=0, le=100, description="SQLite free pages as % of the file: warning above."
     )

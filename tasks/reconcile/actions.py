@@ -336,32 +336,50 @@ async def _repair_by_id(
 
 
 async def _emit_reconciled(client: PrefectClient, rule: Rule, actions: list[RunAction]) -> None:
-    if not actions:
-        return
-    occurred = datetime.now(UTC).isoformat()
-    events = [
-        {
-            "id": str(uuid4()),
-            "occurred": occurred,
-            "event": RECONCILED_EVENT,
-            "resource": {
-                "prefect.resource.id": f"prefect.{action.run_kind.replace('_', '-')}.{action.run_id}",
-                "prefect.resource.name": action.run_name,
+    await emit_maintenance_events(
+        client,
+        [
+            maintenance_event(
+                RECONCILED_EVENT,
+                resource={
+                    "prefect.resource.id": f"prefect.{action.run_kind.replace('_', '-')}.{action.run_id}",
+                    "prefect.resource.name": action.run_name,
+                },
+                rule=rule,
+                payload={
+                    "rule": rule.name,
+                    "from_state": action.from_state,
+                    "to_state": action.to_state,
+                    "seen": action.seen,
+                },
+            )
+            for action in actions
+        ],
+    )
+
+
+def maintenance_event(
+    event: str, resource: dict, rule: Rule, payload: dict, related: list[dict] | None = None
+) -> dict:
+    """One event about what a reconcile rule did, related to the rule, so that users can
+    hang automations and notifications on it."""
+    return {
+        "id": str(uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": event,
+        "resource": resource,
+        "related": [
+            *(related or ()),
+            {
+                "prefect.resource.id": f"prefect-maintenance.rule.{rule.name}",
+                "prefect.resource.role": "reconcile-rule",
+                "prefect.resource.name": rule.title,
             },
-            "related": [
-                {
-                    "prefect.resource.id": f"prefect-maintenance.rule.{rule.name}",
-                    "prefect.resource.role": "reconcile-rule",
-                    "prefect.resource.name": rule.title,
-                }
-            ],
-            "payload": {
-                "rule": rule.name,
-                "from_state": action.from_state,
-                "to_state": action.to_state,
-                "seen": action.seen,
-            },
-        }
-        for action in actions
-    ]
-    await call(client, "POST", "/events", json=events)
+        ],
+        "payload": payload,
+    }
+
+
+async def emit_maintenance_events(client: PrefectClient, events: list[dict]) -> None:
+    if events:
+        await call(client, "POST", "/events", json=events)

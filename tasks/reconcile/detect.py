@@ -140,7 +140,7 @@ async def count_stuck_runs(parameters: ReconcileParameters | None = None) -> dic
     counts: dict[str, int] = {}
     ending: dict[UUID, str] = {}
     for rule in RULES:
-        if not rule.is_enabled(parameters):
+        if not rule.is_enabled(parameters) or rule.judge is None:  # not a count of runs
             continue
         findings = await find_stuck_runs.fn(rule, parameters, scope, source, ending)
         identified = [candidate for candidate in findings.candidates if candidate.run_kind == "flow_run"]

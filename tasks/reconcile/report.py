@@ -39,6 +39,32 @@ class RunAction(BaseModel):
     reason: str | None = None
 
 
+class SlotHolder(BaseModel):
+    """A run holding a slot of its deployment's concurrency limit."""
+
+    run_id: UUID
+    run_name: str
+    state_name: str | None = None
+    since: datetime | None = None
+
+
+class SlotCorrection(BaseModel):
+    """What the concurrency-slots rule saw and did for one deployment limit."""
+
+    limit_id: UUID
+    limit_name: str
+    limit: int
+    deployment_id: UUID
+    deployment_name: str
+    slots_before: int
+    slots_after: int
+    holders: list[SlotHolder] = Field(default_factory=list)
+    # The requests made (or, in a dry run, that would be): "decrement 1", "increment 1".
+    change: str = ""
+    outcome: Outcome
+    reason: str | None = None
+
+
 class RuleReport(BaseModel):
     rule: str
     title: str
@@ -52,6 +78,8 @@ class RuleReport(BaseModel):
     # Rows the API could not return (flow runs hit by the NULL state_timestamp bug).
     unreadable: int = 0
     runs: list[RunAction] = Field(default_factory=list)
+    # The concurrency-slots rule acts on deployment limits, not on runs.
+    limits: list[SlotCorrection] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     # Set when the rule stopped on an error; what it did before that is still counted.
     error: str | None = None
@@ -69,15 +97,22 @@ class RuleReport(BaseModel):
 
     def record(self, action: RunAction) -> None:
         self.runs.append(action)
-        if action.outcome in ("fixed", "would fix"):
+        self._count(action.outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome in ("fixed", "would fix"):
             self.fixed += 1
-        elif action.outcome == "skipped":
+        elif outcome == "skipped":
             self.skipped += 1
         else:
             self.left += 1
 
     def fail(self, error: BaseException) -> None:
         self.error = describe_error(error)
+
+    def record_slots(self, correction: SlotCorrection) -> None:
+        self.limits.append(correction)
+        self._count(correction.outcome)
 
     def absorb(self, deeper: RuleReport) -> None:
         """Add what the same rule found and did one level further down the tree."""
@@ -179,6 +214,8 @@ class ReconcileReport(BaseModel):
             if rule.unreadable:
                 lines += ["", f"{rule.title}: {rule.unreadable} runs could not be read through the API."]
             lines += [f"\n{rule.title}: {note}." for note in rule.notes]
+            if rule.limits:
+                lines += ["", f"## {rule.title}", "", _limits_table(rule.limits)]
             if not rule.runs:
                 continue
             shown = rule.runs[:MARKDOWN_RUNS_PER_RULE]
@@ -204,6 +241,26 @@ class ReconcileReport(BaseModel):
             if len(rule.runs) > len(shown):
                 lines.append(f"\n... and {len(rule.runs) - len(shown)} more (see `{RUNS_TABLE_KEY}`).")
         return "\n".join(lines) + "\n"
+
+
+def _limits_table(corrections: list[SlotCorrection]) -> str:
+    return markdown_table(
+        ["limit", "deployment", "allows", "slots before", "slots after", "held by", "change", "outcome"],
+        (
+            (
+                f"`{correction.limit_name}`",
+                correction.deployment_name,
+                correction.limit,
+                correction.slots_before,
+                correction.slots_after,
+                ", ".join(f"{holder.run_name} ({holder.state_name})" for holder in correction.holders)
+                or "no run",
+                correction.change,
+                correction.outcome + (f": {correction.reason}" if correction.reason else ""),
+            )
+            for correction in corrections
+        ),
+    )
 
 
 @task(name="publish-reconcile-report", cache_policy=NO_CACHE)

@@ -8,7 +8,9 @@ flow walks `RULES` in order; a new rule is a new record and its judge.
 
 Order matters: the poison pill is repaired first because it breaks API listing for
 everything else; rules that end runs come next; orphaned subflows and open task runs
-come last, because the runs holding them may have been ended earlier in the same pass.
+come last, because the runs holding them may have been ended earlier in the same pass;
+concurrency slots are counted after everything else, once every run this pass ends has
+given its slot back.
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ class Rule:
     finds: str
     sets: str
     threshold: str | None
-    selection: Selection
-    judge: Judge
+    selection: Selection = field(default_factory=Selection)
+    # None for the one rule that is not about runs one by one (concurrency slots): the flow
+    # hands it to its own task instead of detection and `end_stuck_runs`.
+    judge: Judge | None = None
     # Only where orchestration refuses a correct repair (re-recording a Running state).
     force: bool = False
     # False for a repair that leaves the run where it was (it can still be judged later).
@@ -373,6 +377,15 @@ RULES: tuple[Rule, ...] = (
             run_kind="task_run", state_types=NON_TERMINAL_STATES, sql_condition=_ENDED_HOLDER_SQL
         ),
         judge=judge_open_task_run,
+    ),
+    Rule(
+        name="concurrency-slots",
+        title="Concurrency slots",
+        finds="deployment concurrency limits whose active slots differ from the runs holding them "
+        "(Pending, Running, Cancelling)",
+        sets="active slots = holders, by decrement or increment",
+        threshold=None,
+        ends_run=False,
     ),
 )
 

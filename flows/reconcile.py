@@ -1,26 +1,26 @@
 """Flow `reconcile-stuck-runs`: find every kind of stuck run and end it correctly.
 
 Every few minutes (deployment `reconcile-stuck-runs/every-10-minutes`), or by hand from
-the UI with a dry run first. Each rule of `tasks.reconcile.rules.RULES` in turn: find its
-runs (read-only, by SQL when the database is reachable, through the API otherwise), then
-end them through the API, skipping runs that changed meanwhile, at most `max_actions`
-per pass. A rule that fails is reported with its error and the next rules go on.
+the UI with a dry run first. One pass (`tasks.reconcile.passes`) over the rules of
+`tasks.reconcile.rules.RULES` in turn: find their runs (read-only, by SQL when the database
+is reachable, through the API otherwise), then end them through the API, skipping runs that
+changed meanwhile, at most `max_actions` per pass; the deployment concurrency limits are
+set to their runs before and after. A rule that fails is reported with its error and the
+next rules go on.
 Publishes the `reconcile-report` artifact and returns the report; the run ends Failed,
 naming the failed rules, when any rule failed.
 """
 
 import time
 from datetime import UTC, datetime
-from uuid import UUID
 
 from prefect import flow, get_run_logger
 
-from tasks.reconcile.actions import end_stuck_runs
-from tasks.reconcile.concurrency import reconcile_concurrency_slots
-from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
+from tasks.reconcile.detect import choose_detection_source, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
+from tasks.reconcile.passes import ReconcilePass, walk_rules
 from tasks.reconcile.report import ReconcileReport, RuleReport, final_state, publish_reconcile_report
-from tasks.reconcile.rules import RULES
+from tasks.reconcile.rules import RULES, Rule
 from tasks.reports import Progress
 
 DEFAULTS = ReconcileParameters()
@@ -88,53 +88,15 @@ async def reconcile_stuck_runs(
         max_actions=parameters.max_actions,
     )
     progress = Progress("Reconciling stuck runs, rule by rule")
-    budget = parameters.max_actions
-    # Flow runs ended earlier in this pass: their subflows and task runs follow them.
-    ending: dict[UUID, str] = {}
-    for done, rule in enumerate(RULES, start=1):
-        if not rule.is_enabled(parameters):
-            report.rules.append(RuleReport.of(rule, parameters))
-            continue
-        rule_started = time.monotonic()
-        outcome = RuleReport.of(rule, parameters)
-        try:
-            if rule.judge is None:
-                outcome = await reconcile_concurrency_slots(rule, parameters, scope, source, budget)
-            else:
-                findings = await find_stuck_runs(rule, parameters, scope, source, ending)
-                if findings.candidates or findings.unreadable:
-                    outcome = await end_stuck_runs(rule, findings, parameters, scope, budget)
-            if rule.ends_run:
-                ending.update(outcome.ended_flow_runs())
-            while rule.follows_the_tree_down and outcome.ended_flow_runs():
-                deeper = await find_stuck_runs(rule, parameters, scope, source, ending)
-                seen = set(outcome.ids())
-                deeper.candidates = [found for found in deeper.candidates if found.run.run_id not in seen]
-                if not deeper.candidates:
-                    break
-                outcome.absorb(
-                    await end_stuck_runs(
-                        rule, deeper, parameters, scope, budget - outcome.fixed - outcome.skipped
-                    )
-                )
-                ending.update(outcome.ended_flow_runs())
-        except Exception as error:  # one rule's failure must not stop the others
-            outcome.fail(error)
+
+    async def reported(rule: Rule, outcome: RuleReport, done: int) -> None:
+        if outcome.error:
             logger.error("%s failed: %s", rule.title, outcome.error)
-        outcome.seconds = round(time.monotonic() - rule_started, 3)
-        budget -= outcome.fixed + outcome.skipped
-        report.rules.append(outcome)
-        logger.info(
-            "%s: found %d, %s %d, skipped %d, left %d, in %.2f s",
-            rule.title,
-            outcome.found,
-            "would fix" if parameters.dry_run else "fixed",
-            outcome.fixed,
-            outcome.skipped,
-            outcome.left,
-            outcome.seconds,
-        )
+        logger.info("%s: %s", rule.title, outcome.summary(parameters.dry_run))
         await progress.update(100 * done / len(RULES))
+
+    passing = ReconcilePass(parameters, scope, source)
+    report.rules = await walk_rules(passing, reported)
     report.seconds = round(time.monotonic() - clock, 3)
     await publish_reconcile_report(report)
     logger.info("Reconcile %s", report.summary())

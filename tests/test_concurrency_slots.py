@@ -26,7 +26,7 @@ from conftest import serving, use_server
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Completed, Pending, Running
-from test_deployments import stop_worker, wait_until_final
+from workers import stop_worker, wait_until_final
 
 from deploy import PROJECT_ROOT
 from flows.db_health import db_health_report
@@ -34,6 +34,9 @@ from flows.reconcile import reconcile_stuck_runs
 from tasks.database import connect
 from tasks.prefect_api import HEARTBEAT_EVENT, call, prefect_client
 from tasks.reconcile.concurrency import CORRECTED_EVENT, read_deployment_slots
+from tasks.reconcile.detect import choose_detection_source, resolve_scope
+from tasks.reconcile.parameters import ReconcileParameters
+from tasks.reconcile.passes import ReconcilePass, walk_rules
 
 POOL = "user-jobs"
 ENTRYPOINT = "tests/flows/hold_slot.py:hold_slot"
@@ -183,9 +186,11 @@ async def test_a_lost_node_and_a_restart_leave_the_limit_holding_its_live_run(fr
             server.start()
             report = await reconcile_stuck_runs(dry_run=False, zombie_after_minutes=1)
             assert report.rule("zombie").ids("fixed") == [lost]
+            # Before the zombie rule ends the dead run, the limit counts both holders again,
+            # so that the slot the server frees when it ends is the dead run's own.
             slots = report.rule("concurrency-slots")
-            assert [(limit.slots_before, limit.slots_after) for limit in slots.limits] == [(0, 1)]
-            assert [holder.run_id for holder in slots.limits[0].holders] == [live]
+            assert [(limit.slots_before, limit.slots_after) for limit in slots.limits] == [(1, 2)]
+            assert {holder.run_id for holder in slots.limits[0].holders} == {lost, live}
             assert await active_slots(deployment) == 1
 
             following = await run_deployment(deployment, seconds=1)
@@ -322,6 +327,52 @@ async def test_shortfalls_are_restored_and_live_runs_untouched(on_fresh_server):
     await set_state(second, Running())
     await set_state(second, Completed())
     assert await take_slot(third)
+
+
+async def test_ending_a_dead_run_whose_slot_was_taken_back_admits_no_second_run(on_fresh_server):
+    # The dead run's slot was taken back (its lease expired) and a live run holds the only
+    # slot. Ending the dead run makes the server free a slot again: the limit is corrected
+    # before the rules that end runs, so at no moment of the pass can a waiting run start.
+    deployment = await create_deployment("freed-twice-in-the-pass")
+    dead = await run_deployment(deployment, seconds=1)
+    assert await take_slot(dead)  # Pending, and never heard of again
+    async with prefect_client() as client:
+        await call(
+            client,
+            "POST",
+            "/v2/concurrency_limits/decrement",
+            json={"names": [f"deployment:{deployment}"], "slots": 1},
+        )
+    live = await run_deployment(deployment, seconds=1)
+    assert await take_slot(live)
+    await set_state(live, Running())
+    waiting = await run_deployment(deployment, seconds=1)
+    await asyncio.sleep(2)
+    parameters = ReconcileParameters(pending_after_minutes=1 / 60)
+    seen_after_each_rule: dict[str, tuple[int, bool]] = {}
+
+    async def after_each_rule(rule, report, done) -> None:
+        if rule.name == "stuck-pending":
+            assert report.ids("fixed") == [dead]
+        seen_after_each_rule[rule.name] = (
+            await active_slots(deployment),
+            (await state_of(waiting)).is_pending(),
+        )
+
+    source = await choose_detection_source.fn()
+    scope = await resolve_scope.fn(parameters)
+    reports = await walk_rules(ReconcilePass(parameters, scope, source, as_tasks=False), after_each_rule)
+    # Corrected to its two holders before the dead run ends, back to the live run's one
+    # after; at no moment below it, and the waiting run never got in.
+    assert seen_after_each_rule["poison-pill"] == (1, False)
+    assert seen_after_each_rule["unknown-state"] == (2, False)
+    assert seen_after_each_rule["stuck-pending"] == (1, False)
+    assert set(seen_after_each_rule.values()) <= {(1, False), (2, False)}, seen_after_each_rule
+    slots = next(report for report in reports if report.rule == "concurrency-slots")
+    assert [(limit.slots_before, limit.slots_after) for limit in slots.limits] == [(1, 2)]
+    assert not await take_slot(waiting)
+    await set_state(live, Completed())
+    assert await take_slot(waiting)
 
 
 async def corrected_limits() -> set[str]:

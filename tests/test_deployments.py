@@ -39,8 +39,9 @@ SCHEDULED = {
     "db-health-report/daily": "0 6 * * *",
 }
 UNSCHEDULED = {"retention/ad-hoc"}
-# Servers older than the project's client, each deployed to and served by its own Prefect too.
-OLDER_VERSIONS = ("3.1.15", "3.4.25")
+# The oldest supported server, deployed to by both clients (the support matrix deploys to
+# every version with its own client and sends a run through its worker).
+OLDER_VERSIONS = ("3.1.15",)
 # What `prefect deploy` printed, which `make deploy` must not: a hint to start a worker per
 # deployment, and warnings about the placeholder the worker resolves.
 PREFECT_DEPLOY_NOISE = ("prefect worker start", "MAINTENANCE_PROJECT_DIR")

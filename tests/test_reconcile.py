@@ -23,8 +23,9 @@ from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.actions import RECONCILED_EVENT, end_stuck_runs
-from tasks.reconcile.detect import choose_detection_source, count_stuck_runs, find_stuck_runs, resolve_scope
+from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters
+from tasks.reconcile.passes import count_stuck_runs
 from tasks.reconcile.report import REPORT_KEY, ReconcileReport
 from tasks.reconcile.rules import RULES_BY_NAME
 

@@ -26,7 +26,7 @@ from tasks.health.cleanup_settings import (
 )
 from tasks.health.statements import rows_of
 from tasks.prefect_api import PrefectApiError, call, prefect_client
-from tasks.reconcile.detect import count_stuck_runs
+from tasks.reconcile.passes import count_stuck_runs
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.selection import count_expired_top_level_runs
 

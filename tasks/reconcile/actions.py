@@ -49,7 +49,7 @@ async def end_stuck_runs(
 ) -> RuleReport:
     """Act on at most `budget` of the rule's findings; the rest are reported as left."""
     report = RuleReport.of(rule, parameters)
-    report.found = len(findings.candidates) + (findings.unreadable if rule.unreadable_are_found else 0)
+    report.found = findings.found_by(rule)
     report.unreadable = findings.unreadable
     budget = max(budget, 0)
     acting, left = findings.candidates[:budget], findings.candidates[budget:]

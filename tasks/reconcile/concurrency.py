@@ -30,7 +30,7 @@ never touched: nothing records who holds them (the health report lists them).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -239,13 +239,23 @@ async def read_slots(
 
 @task(name="reconcile-concurrency-slots", cache_policy=NO_CACHE)
 async def reconcile_concurrency_slots(
-    rule: Rule, parameters: ReconcileParameters, scope: RunScope, source: DetectionSource, budget: int
+    rule: Rule,
+    parameters: ReconcileParameters,
+    scope: RunScope,
+    source: DetectionSource,
+    budget: int,
+    leave: Collection[UUID] = (),
 ) -> RuleReport:
     """Make every deployment limit in scope hold exactly its runs' slots; at most `budget`
-    corrections, the rest are left for the next pass."""
+    corrections, the rest are left for the next pass. The limits of `leave` are not looked at
+    (a dry run's earlier look in the same pass already counted them)."""
     report = RuleReport.of(rule, parameters)
     async with prefect_client() as client:
-        seen = [slots for slots in await read_slots(source, client) if slots.in_scope(scope)]
+        seen = [
+            slots
+            for slots in await read_slots(source, client)
+            if slots.in_scope(scope) and slots.limit_id not in leave
+        ]
         inactive = [slots for slots in seen if not slots.active and slots.difference]
         if inactive:
             report.notes.append(

@@ -26,7 +26,7 @@ from tasks.database import connect, dialect_of, is_reachable
 from tasks.prefect_api import PAGE_SIZE, PrefectApiError, call, prefect_client
 from tasks.reconcile.heartbeats import LATEST_HEARTBEAT_SQL, latest_heartbeats
 from tasks.reconcile.parameters import ReconcileParameters
-from tasks.reconcile.rules import RULES, TERMINAL_STATES, Judging, Rule, RunKind, Selection, Snapshot, Verdict
+from tasks.reconcile.rules import TERMINAL_STATES, Judging, Rule, RunKind, Selection, Snapshot, Verdict
 from tasks.settings import describe_database_url, get_settings
 
 
@@ -58,6 +58,18 @@ class Findings:
     candidates: list[Candidate] = field(default_factory=list)
     # Runs the API cannot show: counted, but their ids are unknown until they are repaired.
     unreadable: int = 0
+
+    def found_by(self, rule: Rule) -> int:
+        """The runs the rule found: its candidates, and the unreadable ones it exists for."""
+        return len(self.candidates) + (self.unreadable if rule.unreadable_are_found else 0)
+
+    def ending(self) -> dict[UUID, str]:
+        """The flow runs these findings would end, with the state type they end in."""
+        return {
+            candidate.run.run_id: candidate.verdict.target_type
+            for candidate in self.candidates
+            if candidate.run_kind == "flow_run"
+        }
 
 
 @task(name="choose-detection-source", cache_policy=NO_CACHE)
@@ -128,28 +140,6 @@ async def find_stuck_runs(
             findings.candidates.append(Candidate(rule.selection.run_kind, run, verdict))
     findings.candidates.sort(key=lambda candidate: _age_key(candidate.run))
     return findings
-
-
-async def count_stuck_runs(parameters: ReconcileParameters | None = None) -> dict[str, int]:
-    """Rule name -> runs a reconcile pass would find now (default thresholds; rules that are
-    off by default are left out). Read-only; by SQL when the database is reachable."""
-    parameters = parameters or ReconcileParameters()
-    # `.fn`: plain calls, so that counting creates no task runs.
-    source = await choose_detection_source.fn()
-    scope = await resolve_scope.fn(parameters)
-    counts: dict[str, int] = {}
-    ending: dict[UUID, str] = {}
-    for rule in RULES:
-        if not rule.is_enabled(parameters) or rule.judge is None:  # not a count of runs
-            continue
-        findings = await find_stuck_runs.fn(rule, parameters, scope, source, ending)
-        identified = [candidate for candidate in findings.candidates if candidate.run_kind == "flow_run"]
-        if rule.ends_run:
-            ending.update({candidate.run.run_id: candidate.verdict.target_type for candidate in identified})
-        counts[rule.name] = len(findings.candidates) + (
-            findings.unreadable if rule.unreadable_are_found else 0
-        )
-    return counts
 
 
 def _age_key(run: Snapshot) -> tuple[float, str]:

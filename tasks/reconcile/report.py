@@ -110,16 +110,25 @@ class RuleReport(BaseModel):
     def fail(self, error: BaseException) -> None:
         self.error = describe_error(error)
 
+    def summary(self, dry_run: bool) -> str:
+        return (
+            f"found {self.found}, {'would fix' if dry_run else 'fixed'} {self.fixed}, "
+            f"skipped {self.skipped}, left {self.left}, in {self.seconds:.2f} s"
+        )
+
     def record_slots(self, correction: SlotCorrection) -> None:
         self.limits.append(correction)
         self._count(correction.outcome)
 
     def absorb(self, deeper: RuleReport) -> None:
-        """Add what the same rule found and did one level further down the tree."""
+        """Add what the same rule found and did later in the pass (one level further down the
+        tree; the concurrency limits once the rules that end runs are done)."""
         self.found += deeper.found
         self.unreadable += deeper.unreadable
         for action in deeper.runs:
             self.record(action)
+        for correction in deeper.limits:
+            self.record_slots(correction)
         self.notes += deeper.notes
 
     def ended_flow_runs(self) -> dict[UUID, str]:

@@ -144,15 +144,15 @@ async def test_event_and_orphan_batches_use_indexes_a_3_4_schema_has(stack, fres
     timings = {"3.4 schema": timings, "with the 3.8 index": (await timed_batch(server.database_url, now))[0]}
     stack.postgres.psql("DROP INDEX CONCURRENTLY ix_event_resources__event_id", database=database)
 
-    database = PrefectDatabase(server.database_url)
-    housekeeping = SqlHousekeeping(database)
+    prefect_database = PrefectDatabase(server.database_url)
+    housekeeping = SqlHousekeeping(prefect_database)
     try:
-        watch = PlanWatch(database)
+        watch = PlanWatch(prefect_database)
         dry = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=True)
         deleted = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=False)
         orphans = await housekeeping.sweep_orphans(Deadline(None), dry_run=False)
     finally:
-        await database.dispose()
+        await prefect_database.dispose()
     print(f"\nOne batch of {HOUSEKEEPING_BATCH_ROWS} events and their resources deleted, ms: {timings}")
 
     assert len(watch.plans) > 50

@@ -28,8 +28,11 @@ from tasks.retention.sql_housekeeping import SqlHousekeeping
 class RetentionEngine(Protocol):
     # The report's `engine`: "sql" or "api".
     name: str
-    # Old events, orphans and VACUUM, in the database; None: this engine cannot do them.
-    housekeeping: SqlHousekeeping | None
+
+    @property
+    def housekeeping(self) -> SqlHousekeeping | None:
+        """Old events, orphans and VACUUM, in the database; None: this engine cannot do them."""
+        ...
 
     @classmethod
     def open(
@@ -41,7 +44,8 @@ class RetentionEngine(Protocol):
         ...
 
     def exclusive(self) -> AbstractAsyncContextManager[None]:
-        """Held for the whole purge, so that two purges never overlap where the engine can tell."""
+        """Held for the whole purge so that two never overlap: the SQL engine's advisory lock; the
+        API has none to offer (the deployments' concurrency limit of 1 keeps purges apart)."""
         ...
 
     async def deployments_named(self, names: Iterable[str]) -> dict[str, UUID]: ...

@@ -16,6 +16,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pydantic import SecretStr
+
 from tasks.database import is_reachable
 from tasks.retention.api_engine import ApiEngine
 from tasks.retention.engine import RetentionEngine
@@ -35,6 +37,7 @@ async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Retentio
     settings = get_settings()
     url = settings.database_url
     engine_class: type[RetentionEngine]
+    database_url: SecretStr | str | None
     if choice == "sql" or (choice == "auto" and await is_reachable(url)):
         if url is None:
             raise RetentionParameterError(

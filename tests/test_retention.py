@@ -322,7 +322,7 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
         await insert_logs(connection, lost, 1)
         await connection.commit()
     try:
-        async with ApiEngine.open(Throttle(0), concurrency=2) as engine:
+        async with ApiEngine.open(None, Throttle(0), concurrency=2) as engine:
             engine._logs_queued[lost] = None
             assert await engine.wait_for_log_deletion() == 1
     finally:
@@ -575,7 +575,7 @@ async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, 
         parent_task_run_id=None,
     )
     policy = RetentionPolicy.from_parameters(RetentionParameters(), datetime.now(UTC))
-    async with ApiEngine.open(throttle, concurrency=2) as engine:
+    async with ApiEngine.open(None, throttle, concurrency=2) as engine:
         with pytest.raises(PrefectApiError) as failure:
             await engine.process_batch([poison], policy, dry_run=True)
     assert failure.value.status_code == 500

@@ -21,7 +21,8 @@ from conftest import database_of
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.purge import event_rules
 from tasks.retention.rate_limit import Deadline
-from tasks.retention.sql_engine import EVENT_RESOURCES, EVENTS, HOUSEKEEPING_BATCH_ROWS, SqlEngine
+from tasks.retention.sql_database import EVENT_RESOURCES, EVENTS, PrefectDatabase
+from tasks.retention.sql_housekeeping import HOUSEKEEPING_BATCH_ROWS, SqlHousekeeping
 
 EVENT_COUNT = 300_000  # one every 2.4 s over 8.3 days, one in ten a heartbeat
 ORPHAN_RESOURCES = 20_000  # old rows whose event is gone
@@ -67,11 +68,11 @@ ANALYZE events, event_resources, log;
 
 
 class PlanWatch:
-    """EXPLAINs every statement the engine sends, with its own parameters, just before it runs."""
+    """EXPLAINs every statement sent to the database, with its own parameters, just before it runs."""
 
-    def __init__(self, engine: SqlEngine) -> None:
+    def __init__(self, database: PrefectDatabase) -> None:
         self.plans: list[tuple[str, str]] = []
-        sa.event.listen(engine._engine.sync_engine, "before_cursor_execute", self._explain)
+        sa.event.listen(database._engine.sync_engine, "before_cursor_execute", self._explain)
 
     def _explain(self, connection, cursor, statement, parameters, context, executemany) -> None:
         if not re.search(r"\b(events|event_resources|log)\b", statement):
@@ -87,17 +88,18 @@ class PlanWatch:
 async def timed_batch(url: str, now: datetime) -> tuple[dict[str, float], str]:
     """Milliseconds of one batch (resources, then events) deleted by `event_id` and by a new
     engine's way, each rolled back; and the plan of the delete by `event_id`."""
-    engine = SqlEngine(url)
+    database = PrefectDatabase(url)
+    housekeeping = SqlHousekeeping(database)
     rule = next(rule for rule in event_rules(RetentionParameters(), now) if rule.event is None)
     timings = {}
     try:
-        async with engine._engine.connect() as connection:
+        async with database.connect() as connection:
             for way in ("by event_id", "the engine's way"):
-                batch = (await connection.execute(engine._next_events(rule, None))).all()
+                batch = (await connection.execute(housekeeping._next_events(rule, None))).all()
                 assert len(batch) == HOUSEKEEPING_BATCH_ROWS
                 event_ids = [event.id for event in batch]
                 by_event_id = sa.delete(EVENT_RESOURCES).where(
-                    engine._among(EVENT_RESOURCES.c.event_id, event_ids)
+                    database.among(EVENT_RESOURCES.c.event_id, event_ids)
                 )
                 if way == "by event_id":
                     compiled = by_event_id.compile(dialect=connection.dialect)
@@ -108,16 +110,16 @@ async def timed_batch(url: str, now: datetime) -> tuple[dict[str, float], str]:
                 started = time.perf_counter()
                 if way == "by event_id":
                     deleted = (await connection.execute(by_event_id)).rowcount
-                    await connection.execute(sa.delete(EVENTS).where(engine._among(EVENTS.c.id, event_ids)))
+                    await connection.execute(sa.delete(EVENTS).where(database.among(EVENTS.c.id, event_ids)))
                 else:
-                    deleted = (await engine._remove_events(connection, batch, dry_run=False))[
+                    deleted = (await housekeeping._remove_events(connection, batch, dry_run=False))[
                         "event_resources"
                     ]
                 timings[way] = round((time.perf_counter() - started) * 1000, 1)
                 assert deleted == 3 * HOUSEKEEPING_BATCH_ROWS
                 await connection.rollback()
     finally:
-        await engine.close()
+        await database.dispose()
     return timings, plan
 
 
@@ -142,14 +144,15 @@ async def test_event_and_orphan_batches_use_indexes_a_3_4_schema_has(stack, fres
     timings = {"3.4 schema": timings, "with the 3.8 index": (await timed_batch(server.database_url, now))[0]}
     stack.postgres.psql("DROP INDEX CONCURRENTLY ix_event_resources__event_id", database=database)
 
-    engine = SqlEngine(server.database_url)
+    prefect_database = PrefectDatabase(server.database_url)
+    housekeeping = SqlHousekeeping(prefect_database)
     try:
-        watch = PlanWatch(engine)
-        dry = await engine.delete_old_events(rules, Deadline(None), dry_run=True)
-        deleted = await engine.delete_old_events(rules, Deadline(None), dry_run=False)
-        orphans = await engine.sweep_orphans(Deadline(None), dry_run=False)
+        watch = PlanWatch(prefect_database)
+        dry = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=True)
+        deleted = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=False)
+        orphans = await housekeeping.sweep_orphans(Deadline(None), dry_run=False)
     finally:
-        await engine.close()
+        await prefect_database.dispose()
     print(f"\nOne batch of {HOUSEKEEPING_BATCH_ROWS} events and their resources deleted, ms: {timings}")
 
     assert len(watch.plans) > 50

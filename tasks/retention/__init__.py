@@ -2,8 +2,9 @@
 
 `parameters` validates what the user asked for; `policy` decides, run by run and tree by
 tree, what may go; `selection` picks the engine and finds the expired top-level runs in
-batches; an engine deletes each batch (`sql_engine` straight in the database, the only
-module that writes to Prefect's tables; `api_engine` through the Prefect API); `purge`
-holds the flow's tasks and the batch loop; `rate_limit` paces it; `report` says what
-happened.
+batches; an engine (`engine` says what every engine does) deletes each batch: the SQL
+engine straight in the database (`sql_engine` the runs' trees, `sql_housekeeping` old
+events, orphans and VACUUM, both on `sql_database`: the only modules that write to
+Prefect's tables), `api_engine` through the Prefect API; `purge` holds the flow's tasks and
+the batch loop; `rate_limit` paces it; `report` says what happened.
 """

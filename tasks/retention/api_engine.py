@@ -18,8 +18,9 @@ batch waits for the server, and at the end the purge waits until every deleted r
 are gone (or the server stops making progress). Older servers never delete them, so
 nothing is waited for. With a database configured (engine "api" chosen explicitly), what
 the API leaves (those logs, and the task run cache rows of the deleted runs) is deleted by
-the ids of each batch through the SQL engine, the one module that writes to the database;
-without one it stays, and the report says so.
+the ids of each batch through the SQL engine's housekeeping (the SQL engine's modules are
+the only ones that write to Prefect's tables); without one it stays, and the report says
+so (`limitations`).
 
 Calls run with bounded concurrency; 429, 5xx answers and timeouts slow the throttle down
 and are retried after a back-off.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import datetime
 from time import monotonic, perf_counter
 from typing import Any, TypeVar
@@ -51,11 +52,12 @@ from tasks.prefect_api import (
     server_has,
     server_version,
 )
-from tasks.retention.parameters import TERMINAL_STATES
+from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import BatchOutcome
 from tasks.retention.sql_engine import SqlEngine
+from tasks.retention.sql_housekeeping import SqlHousekeeping
 
 # Answers that mean "the server is struggling": slow down and try again.
 PUSHBACK_STATUSES = {429, 500, 502, 503, 504}
@@ -107,6 +109,8 @@ class ApiEngine:
     """Retention through the Prefect API; one instance per flow run."""
 
     name = "api"
+    # Old events, orphans and VACUUM need the database itself: the API has no route for them.
+    housekeeping: SqlHousekeeping | None = None
 
     def __init__(
         self,
@@ -117,7 +121,7 @@ class ApiEngine:
         server_version: tuple[int, ...],
         bulk_delete_exists: bool,
         server_deletes_logs: bool,
-        database: SqlEngine | None,
+        database: SqlHousekeeping | None,
     ) -> None:
         self._client = client
         self._throttle = throttle
@@ -126,7 +130,7 @@ class ApiEngine:
         self._bulk_delete_exists = bulk_delete_exists
         self.server_deletes_logs = server_deletes_logs
         # Deletes what the API cannot (logs the server keeps, cache rows); None without access.
-        self.database = database
+        self._database = database
         # Deleted runs whose logs the server may not have deleted yet, oldest first.
         self._logs_queued: dict[UUID, None] = {}
         self._log_deletion_stalled = False
@@ -136,24 +140,22 @@ class ApiEngine:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, throttle: Throttle, concurrency: int, database_url: str | SecretStr | None = None
+        cls, database_url: str | SecretStr | None, throttle: Throttle, concurrency: int
     ) -> AsyncIterator[ApiEngine]:
         """The engine for the configured API; `database_url` (reachable) for what the API cannot delete."""
-        async with prefect_client() as client:
-            database = SqlEngine(database_url) if database_url is not None else None
-            try:
-                yield cls(
-                    client,
-                    throttle,
-                    concurrency,
-                    server_version=await server_version(client),
-                    bulk_delete_exists=await server_has(client, BULK_FLOW_RUN_ROUTES),
-                    server_deletes_logs=await server_has(client, DELETES_LOGS_OF_DELETED_RUNS),
-                    database=database,
-                )
-            finally:
-                if database is not None:
-                    await database.close()
+        database = (
+            SqlEngine.open(database_url, throttle, concurrency) if database_url is not None else nullcontext()
+        )
+        async with prefect_client() as client, database as sql:
+            yield cls(
+                client,
+                throttle,
+                concurrency,
+                server_version=await server_version(client),
+                bulk_delete_exists=await server_has(client, BULK_FLOW_RUN_ROUTES),
+                server_deletes_logs=await server_has(client, DELETES_LOGS_OF_DELETED_RUNS),
+                database=sql.housekeeping if sql is not None else None,
+            )
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -350,7 +352,7 @@ class ApiEngine:
         if not accepted_ids:
             return BatchOutcome(left=verdict.left, seconds=perf_counter() - started)
         # Read before the runs go: their task runs' states cascade away with them.
-        states_of = await self._cached_states_of(accepted_ids) if self.database is not None else {}
+        states_of = await self._cached_states_of(accepted_ids) if self._database is not None else {}
         if dry_run:
             artifacts = await self._count(
                 "/artifacts/count", {"artifacts": {"flow_run_id": {"any_": _ids(accepted_ids)}}}
@@ -443,11 +445,11 @@ class ApiEngine:
         if self.server_deletes_logs:
             if not dry_run:
                 self._logs_queued.update(dict.fromkeys(flow_run_ids))
-        elif self.database is None:
+        elif self._database is None:
             self.runs_with_logs_left += len(flow_run_ids)
-        if self.database is None:
+        if self._database is None:
             return {}
-        return await self.database.delete_left_by_the_api(
+        return await self._database.delete_left_by_the_api(
             [] if self.server_deletes_logs else flow_run_ids,
             [state_id for run_id in flow_run_ids for state_id in states_of.get(run_id, ())],
             dry_run=dry_run,
@@ -505,3 +507,62 @@ class ApiEngine:
                 return
             for run_id in chunk:
                 del self._logs_queued[run_id]
+
+    # The report's notes ----------------------------------------------------------------
+
+    def limitations(self, parameters: RetentionParameters, logs_queued: int) -> list[str]:
+        """What this run could not do or did not count, for the report's notes."""
+        notes = self._log_notes(parameters.dry_run, logs_queued)
+        if self._database is None:
+            notes.append(
+                "API engine without database access: the task run cache rows of the deleted runs (if "
+                "they had any) could not be removed, the API has no route for them; they stay until a "
+                "run with database access and include_orphans sweeps them."
+            )
+        if parameters.include_orphans:
+            notes.append("API engine: orphans are swept by the SQL engine only; none were swept.")
+        if (
+            parameters.events_older_than_days is not None
+            or parameters.heartbeat_events_older_than_days is not None
+        ):
+            notes.append(
+                "API engine: events need database access and were not deleted "
+                "(the server's own event retention, PREFECT_EVENTS_RETENTION_PERIOD, still applies)."
+            )
+        return notes
+
+    def _log_notes(self, dry_run: bool, logs_queued: int) -> list[str]:
+        """Where the deleted runs' logs went, or stay: the server deletes them itself only from 3.4.9."""
+        if self.server_deletes_logs:
+            if dry_run:
+                return [
+                    "API engine: the server deletes the logs of the runs it deletes, in its background "
+                    "queue; logs are not counted here."
+                ]
+            if logs_queued:
+                return [
+                    f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
+                    "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
+                    "the server restarts; a run with database access and include_orphans sweeps them)."
+                ]
+            return [
+                "API engine: the server deleted the logs of the deleted runs in its background queue; "
+                "this run waited for it. Logs are not counted here."
+            ]
+        server = (
+            f"this server (Prefect {_dotted(self.server_version)}) never deletes the logs of deleted "
+            f"runs (Prefect does from {_dotted(DELETES_LOGS_OF_DELETED_RUNS)})"
+        )
+        if self._database is not None:
+            verb = "would delete" if dry_run else "deleted"
+            return [f"API engine: {server}; this run {verb} them through the database (counted under log)."]
+        sweep = "until a retention run with database access and include_orphans sweeps them."
+        if dry_run:
+            return [
+                f"API engine: {server}: the logs of the {self.runs_with_logs_left} runs to delete would stay {sweep}"
+            ]
+        return [f"API engine: {server}: the logs of the {self.runs_with_logs_left} deleted runs stay {sweep}"]
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))

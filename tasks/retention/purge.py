@@ -21,15 +21,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from tasks.prefect_api import DELETES_LOGS_OF_DELETED_RUNS, HEARTBEAT_EVENT
+from tasks.prefect_api import HEARTBEAT_EVENT
 from tasks.reports import Progress
-from tasks.retention.api_engine import ApiEngine
+from tasks.retention.engine import RetentionEngine
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Deadline, Throttle
 from tasks.retention.report import BatchOutcome, RetentionTotals, StoppedReason
-from tasks.retention.selection import Engine, build_policy, expired_batches
-from tasks.retention.sql_engine import EventRetention, SqlEngine
+from tasks.retention.selection import build_policy, expired_batches
+from tasks.retention.sql_housekeeping import EventRetention
 
 # The progress artifact moves at most this often.
 PROGRESS_SECONDS = 2.0
@@ -44,21 +44,21 @@ class PurgeResult:
 
 
 @task(name="resolve-policy", cache_policy=NO_CACHE)
-async def resolve_policy(engine: Engine, parameters: RetentionParameters) -> RetentionPolicy:
+async def resolve_policy(engine: RetentionEngine, parameters: RetentionParameters) -> RetentionPolicy:
     """Names to ids, and the runs `keep_last_per_deployment` keeps; read-only."""
     return await build_policy(engine, parameters)
 
 
 @task(name="delete-batch", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 async def delete_batch(
-    engine: Engine, runs: list[RunRecord], policy: RetentionPolicy, dry_run: bool
+    engine: RetentionEngine, runs: list[RunRecord], policy: RetentionPolicy, dry_run: bool
 ) -> BatchOutcome:
     """One batch of trees, judged on fresh rows and deleted together (counted in a dry run)."""
     return await engine.process_batch(runs, policy, dry_run)
 
 
 async def purge_expired_runs(
-    engine: Engine,
+    engine: RetentionEngine,
     policy: RetentionPolicy,
     parameters: RetentionParameters,
     throttle: Throttle,
@@ -156,12 +156,12 @@ def _rows_in_brackets(rows: Mapping[str, int]) -> str:
 
 @task(name="sweep-orphans", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 async def sweep_orphans(
-    engine: Engine, parameters: RetentionParameters, deadline: Deadline
+    engine: RetentionEngine, parameters: RetentionParameters, deadline: Deadline
 ) -> dict[str, int]:
     """Logs, artifacts, collections and cache rows whose run (or artifact, or state) is gone."""
-    if not parameters.include_orphans or not isinstance(engine, SqlEngine):
+    if not parameters.include_orphans or engine.housekeeping is None:
         return {}
-    return await engine.sweep_orphans(deadline, dry_run=parameters.dry_run)
+    return await engine.housekeeping.sweep_orphans(deadline, dry_run=parameters.dry_run)
 
 
 def event_rules(parameters: RetentionParameters, now: datetime) -> list[EventRetention]:
@@ -180,98 +180,38 @@ def event_rules(parameters: RetentionParameters, now: datetime) -> list[EventRet
 
 @task(name="delete-old-events", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 async def delete_old_events(
-    engine: Engine, parameters: RetentionParameters, deadline: Deadline
+    engine: RetentionEngine, parameters: RetentionParameters, deadline: Deadline
 ) -> dict[str, int]:
     """`event_resources` then `events`, past `events_older_than_days` (heartbeats: their own age)."""
-    if not isinstance(engine, SqlEngine):
+    if engine.housekeeping is None:
         return {}
     rules = event_rules(parameters, datetime.now(UTC))
-    return await engine.delete_old_events(rules, deadline, dry_run=parameters.dry_run)
+    return await engine.housekeeping.delete_old_events(rules, deadline, dry_run=parameters.dry_run)
 
 
 @task(name="vacuum-tables", cache_policy=NO_CACHE)
 async def vacuum_tables(
-    engine: Engine, parameters: RetentionParameters, deleted: Iterable[Mapping[str, int]]
+    engine: RetentionEngine, parameters: RetentionParameters, deleted: Iterable[Mapping[str, int]]
 ) -> list[str]:
     """`VACUUM (ANALYZE)` every table rows were deleted from, so the space is reused and plans stay good."""
-    if not parameters.vacuum or parameters.dry_run or not isinstance(engine, SqlEngine):
+    if not parameters.vacuum or parameters.dry_run or engine.housekeeping is None:
         return []
-    return await engine.vacuum(table for rows in deleted for table, count in rows.items() if count)
+    return await engine.housekeeping.vacuum(
+        table for rows in deleted for table, count in rows.items() if count
+    )
 
 
 @task(name="wait-for-log-deletion", cache_policy=NO_CACHE)
-async def wait_for_log_deletion(engine: Engine, parameters: RetentionParameters) -> int:
+async def wait_for_log_deletion(engine: RetentionEngine, parameters: RetentionParameters) -> int:
     """API engine: wait until the server has deleted the deleted runs' logs from its background
-    queue (or stops making progress); at most how many runs' logs are still queued. Servers
-    before 3.4.9 queue nothing, so there is nothing to wait for."""
-    if parameters.dry_run or not isinstance(engine, ApiEngine):
+    queue (or stops making progress); at most how many runs' logs are still queued. The SQL
+    engine deletes them itself, and servers before 3.4.9 queue nothing: nothing to wait for."""
+    if parameters.dry_run:
         return 0
     return await engine.wait_for_log_deletion()
 
 
-def limitations(engine: Engine, parameters: RetentionParameters, logs_queued: int = 0) -> list[str]:
+def limitations(engine: RetentionEngine, parameters: RetentionParameters, logs_queued: int = 0) -> list[str]:
     """What this run could not do or did not count, for the report's notes."""
-    notes = []
-    if parameters.dry_run:
-        notes.append("Dry run: nothing was changed.")
-    if isinstance(engine, SqlEngine):
-        if engine.dialect == "sqlite" and parameters.vacuum and not parameters.dry_run:
-            notes.append(
-                "SQLite: tables were analysed only; VACUUM rewrites the whole file, run it in a quiet hour."
-            )
-        return notes
-    notes += _log_notes(engine, parameters.dry_run, logs_queued)
-    if engine.database is None:
-        notes.append(
-            "API engine without database access: the task run cache rows of the deleted runs (if "
-            "they had any) could not be removed, the API has no route for them; they stay until a "
-            "run with database access and include_orphans sweeps them."
-        )
-    if parameters.include_orphans:
-        notes.append("API engine: orphans are swept by the SQL engine only; none were swept.")
-    if (
-        parameters.events_older_than_days is not None
-        or parameters.heartbeat_events_older_than_days is not None
-    ):
-        notes.append(
-            "API engine: events need database access and were not deleted "
-            "(the server's own event retention, PREFECT_EVENTS_RETENTION_PERIOD, still applies)."
-        )
-    return notes
-
-
-def _log_notes(engine: ApiEngine, dry_run: bool, logs_queued: int) -> list[str]:
-    """Where the deleted runs' logs went, or stay: the server deletes them itself only from 3.4.9."""
-    if engine.server_deletes_logs:
-        if dry_run:
-            return [
-                "API engine: the server deletes the logs of the runs it deletes, in its background "
-                "queue; logs are not counted here."
-            ]
-        if logs_queued:
-            return [
-                f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
-                "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
-                "the server restarts; a run with database access and include_orphans sweeps them)."
-            ]
-        return [
-            "API engine: the server deleted the logs of the deleted runs in its background queue; "
-            "this run waited for it. Logs are not counted here."
-        ]
-    server = (
-        f"this server (Prefect {_dotted(engine.server_version)}) never deletes the logs of deleted "
-        f"runs (Prefect does from {_dotted(DELETES_LOGS_OF_DELETED_RUNS)})"
-    )
-    if engine.database is not None:
-        verb = "would delete" if dry_run else "deleted"
-        return [f"API engine: {server}; this run {verb} them through the database (counted under log)."]
-    sweep = "until a retention run with database access and include_orphans sweeps them."
-    if dry_run:
-        return [
-            f"API engine: {server}: the logs of the {engine.runs_with_logs_left} runs to delete would stay {sweep}"
-        ]
-    return [f"API engine: {server}: the logs of the {engine.runs_with_logs_left} deleted runs stay {sweep}"]
-
-
-def _dotted(version: tuple[int, ...]) -> str:
-    return ".".join(map(str, version))
+    notes = ["Dry run: nothing was changed."] if parameters.dry_run else []
+    return notes + engine.limitations(parameters, logs_queued)

@@ -1,8 +1,8 @@
 """Selection: which engine, which policy, and the expired top-level runs batch by batch.
 
 `open_engine` picks the SQL engine when a database URL is configured and reachable (or
-when asked for), else the API engine; asked for by name, the API engine also gets the
-database when it is configured and reachable, for what the API cannot delete.
+when asked for), else the API engine, and opens it; asked for by name, the API engine also
+gets the database when it is configured and reachable, for what the API cannot delete.
 `build_policy` resolves names and the runs kept by `keep_last_per_deployment` once,
 read-only. `expired_batches` streams candidate runs from the engine and keeps those the
 policy selects. `count_expired_runs` is a dry run that only counts;
@@ -16,8 +16,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pydantic import SecretStr
+
 from tasks.database import is_reachable
 from tasks.retention.api_engine import ApiEngine
+from tasks.retention.engine import RetentionEngine
 from tasks.retention.parameters import RetentionParameterError, RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Throttle
@@ -27,14 +30,14 @@ from tasks.settings import describe_database_url, get_settings
 # Candidates read per query; batches are cut from them.
 CANDIDATE_PAGE = 5_000
 
-Engine = SqlEngine | ApiEngine
-
 
 @asynccontextmanager
-async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Engine]:
+async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[RetentionEngine]:
     """The engine for `choice` ("auto", "sql" or "api"), closed on exit."""
     settings = get_settings()
     url = settings.database_url
+    engine_class: type[RetentionEngine]
+    database_url: SecretStr | str | None
     if choice == "sql" or (choice == "auto" and await is_reachable(url)):
         if url is None:
             raise RetentionParameterError(
@@ -45,20 +48,16 @@ async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Engine]:
             raise RetentionParameterError(
                 f"engine: 'sql' but the {describe_database_url(url)} is not reachable"
             )
-        engine = SqlEngine(url)
-        try:
-            yield engine
-        finally:
-            await engine.close()
-        return
-    # Chosen explicitly with a database at hand: it deletes what the API cannot.
-    database_url = url if choice == "api" and await is_reachable(url) else None
-    async with ApiEngine.open(throttle, settings.api_concurrency, database_url) as engine:
-        yield engine
+        engine_class, database_url = SqlEngine, url
+    else:
+        # Chosen explicitly with a database at hand: it deletes what the API cannot.
+        engine_class, database_url = ApiEngine, url if choice == "api" and await is_reachable(url) else None
+    async with engine_class.open(database_url, throttle, settings.api_concurrency) as opened:
+        yield opened
 
 
 async def build_policy(
-    engine: Engine, parameters: RetentionParameters, now: datetime | None = None
+    engine: RetentionEngine, parameters: RetentionParameters, now: datetime | None = None
 ) -> RetentionPolicy:
     """The parameters resolved against what exists now; unknown names fail, naming the parameter."""
     deployment_ids = flow_ids = None
@@ -98,7 +97,9 @@ class Batch:
     candidates_read: int
 
 
-async def expired_batches(engine: Engine, policy: RetentionPolicy, batch_size: int) -> AsyncIterator[Batch]:
+async def expired_batches(
+    engine: RetentionEngine, policy: RetentionPolicy, batch_size: int
+) -> AsyncIterator[Batch]:
     """Batches of `batch_size` top-level runs that the policy selects, oldest first."""
     pending: list[RunRecord] = []
     read = 0

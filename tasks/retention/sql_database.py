@@ -1,0 +1,158 @@
+"""Prefect's database as the SQL engine's modules use it: its tables, one transaction at a
+time, and the conditions over many ids that every statement of theirs is built from.
+
+Part of the SQL engine (`sql_engine` deletes the runs, `sql_housekeeping` sweeps what is
+left): the SQL engine's modules are the only ones in the project that write to Prefect's
+tables. Prefect's own table definitions are used, so types such as SQLite timestamps bind
+exactly as the server writes them; connections come from `tasks.database`
+(`statement_timeout`, `lock_timeout`, `application_name`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from prefect.server.database import orm_models
+from prefect.server.utilities.database import UUID as PrefectUuid
+from pydantic import SecretStr
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tasks.database import create_engine, dialect_of
+
+# SQLAlchemy 2.1 asks every custom column type for operator classes; Prefect's UUID type
+# has none yet. Its columns compare correctly; the warning would fill the worker's log.
+warnings.filterwarnings(
+    "ignore", message=r".*does not refer to an OperatorClass.*", category=DeprecationWarning
+)
+
+TABLES = orm_models.Base.metadata.tables
+FLOW = TABLES["flow"]
+DEPLOYMENT = TABLES["deployment"]
+FLOW_RUN = TABLES["flow_run"]
+TASK_RUN = TABLES["task_run"]
+TASK_RUN_STATE = TABLES["task_run_state"]
+TASK_RUN_STATE_CACHE = TABLES["task_run_state_cache"]
+LOG = TABLES["log"]
+ARTIFACT = TABLES["artifact"]
+ARTIFACT_COLLECTION = TABLES["artifact_collection"]
+EVENTS = TABLES["events"]
+EVENT_RESOURCES = TABLES["event_resources"]
+# Where keyset walks over UUID keys start.
+NIL_UUID = UUID(int=0)
+
+
+class PrefectDatabase:
+    """One engine (connection pool) on Prefect's database, PostgreSQL or SQLite."""
+
+    def __init__(self, url: str | SecretStr) -> None:
+        self.url = url
+        self.dialect = dialect_of(url)
+        self._engine = create_engine(url)
+
+    async def dispose(self) -> None:
+        await self._engine.dispose()
+
+    def connect(self) -> AsyncConnection:
+        """A connection of the pool for a session that manages its own transactions."""
+        return self._engine.connect()
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """One transaction: committed at the end, rolled back (by closing) on any error."""
+        async with self._engine.connect() as connection:
+            if write and self.dialect == "sqlite":
+                # SQLite has no row locks: take the write lock before reading, so the
+                # rows judged are exactly the rows deleted.
+                await connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield connection
+            await connection.commit()
+
+    async def read(self, statement: sa.Executable) -> Sequence[Any]:
+        async with self._engine.connect() as connection:
+            return (await connection.execute(statement)).all()
+
+    def among(self, column: sa.ColumnElement[Any], values: Iterable[Any]) -> sa.ColumnElement[bool]:
+        """`column = ANY(:array)` on PostgreSQL (one parameter, any length); `IN (...)` on SQLite."""
+        values = list(values)
+        if self.dialect != "postgresql":
+            return column.in_(values)
+        return column == sa.any_(_array_of(column, values))
+
+    def among_unestimated(
+        self, column: sa.ColumnElement[Any], values: Iterable[Any]
+    ) -> sa.ColumnElement[bool]:
+        """`among`, but PostgreSQL plans it without seeing how many values there are
+        (`= ANY(ARRAY(SELECT unnest(:array)))`): thousands of index probes are then planned as
+        probes, where their summed estimate would tip a mid-sized table into a sequential scan."""
+        values = list(values)
+        if self.dialect != "postgresql":
+            return column.in_(values)
+        return self.among_subquery(column, sa.select(sa.func.unnest(_array_of(column, values))))
+
+    def among_subquery(self, column: sa.ColumnElement[Any], subquery: sa.Select) -> sa.ColumnElement[bool]:
+        """`column = ANY(ARRAY(subquery))` on PostgreSQL: planned as index probes, whatever the estimates."""
+        if self.dialect != "postgresql":
+            return column.in_(subquery)
+        return column == sa.any_(sa.func.array(subquery.scalar_subquery()))
+
+    async def repair_collections(self, connection: AsyncConnection, keys: Iterable[str]) -> Counter[str]:
+        """Point each collection whose latest artifact is gone at the key's newest artifact left, or delete it."""
+        keys = sorted(set(keys))
+        if not keys:
+            return Counter()
+        latest_is_gone = ~sa.exists().where(ARTIFACT.c.id == ARTIFACT_COLLECTION.c.latest_id)
+        stale = list(
+            (
+                await connection.execute(
+                    sa.select(ARTIFACT_COLLECTION.c.key).where(
+                        self.among(ARTIFACT_COLLECTION.c.key, keys), latest_is_gone
+                    )
+                )
+            ).scalars()
+        )
+        if not stale:
+            return Counter()
+        newest = (
+            sa.select(
+                ARTIFACT,
+                sa.func.row_number()
+                .over(partition_by=ARTIFACT.c.key, order_by=(ARTIFACT.c.created.desc(), ARTIFACT.c.id.desc()))
+                .label("position"),
+            )
+            .where(self.among(ARTIFACT.c.key, stale))
+            .subquery()
+        )
+        copied = (
+            "data",
+            "description",
+            "type",
+            "created",
+            "updated",
+            "flow_run_id",
+            "task_run_id",
+            "metadata_",
+        )
+        repointed = await connection.execute(
+            sa.update(ARTIFACT_COLLECTION)
+            .where(ARTIFACT_COLLECTION.c.key == newest.c.key, newest.c.position == 1)
+            .values(latest_id=newest.c.id, **{column: newest.c[column] for column in copied})
+        )
+        removed = await connection.execute(
+            sa.delete(ARTIFACT_COLLECTION).where(self.among(ARTIFACT_COLLECTION.c.key, stale), latest_is_gone)
+        )
+        return Counter(
+            {"artifact_collection": removed.rowcount, "artifact_collection re-pointed": repointed.rowcount}
+        )
+
+
+def _array_of(column: sa.ColumnElement[Any], values: list[Any]) -> sa.BindParameter:
+    """`values` as one PostgreSQL array parameter of `column`'s type."""
+    item_type = postgresql.UUID(as_uuid=True) if isinstance(column.type, PrefectUuid) else column.type
+    return sa.bindparam(None, values, type_=postgresql.ARRAY(item_type))

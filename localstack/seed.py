@@ -22,11 +22,10 @@ from typing import Any
 from sqlalchemy import bindparam, text
 
 from tasks.database import connect, dialect_of
-from tasks.prefect_api import call, prefect_client
+from tasks.prefect_api import TERMINAL_STATES, call, prefect_client
 
 log = logging.getLogger("localstack.seed")
 
-TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 STATE_NAMES = {
     "SCHEDULED": "Scheduled",
     "PENDING": "Pending",

@@ -13,8 +13,7 @@ from sqlalchemy import text
 from flows.reconcile import reconcile_stuck_runs
 from localstack.seed import seed_messy_history
 from tasks.database import connect
-from tasks.prefect_api import PrefectApiError, call, prefect_client
-from tasks.reconcile.detect import read_runs_by_id
+from tasks.prefect_api import PrefectApiError, call, prefect_client, read_runs_by_id
 from tasks.reconcile.rules import TERMINAL_STATES
 
 LATE_AFTER_HOURS = 48

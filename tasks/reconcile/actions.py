@@ -21,18 +21,21 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 
 from tasks.database import describe_error
-from tasks.prefect_api import BULK_FLOW_RUN_ROUTES, BULK_LIMIT, call, prefect_client, server_has
-from tasks.reconcile.detect import (
-    Candidate,
-    Findings,
-    RunScope,
+from tasks.prefect_api import (
+    BULK_FLOW_RUN_ROUTES,
+    BULK_LIMIT,
+    RunKind,
+    call,
+    chunks,
+    prefect_client,
     read_every_row,
     read_runs_by_id,
-    scope_filters,
+    server_has,
 )
+from tasks.reconcile.detect import Candidate, Findings, RunScope, scope_filters
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.report import Outcome, RuleReport, RunAction
-from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule, RunKind, Verdict
+from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule, Verdict
 from tasks.reconcile.unreadable import UnreadableRun, find_unreadable_running_runs
 from tasks.settings import get_settings
 
@@ -54,8 +57,7 @@ async def end_stuck_runs(
     budget = max(budget, 0)
     acting, left = findings.candidates[:budget], findings.candidates[budget:]
     async with prefect_client() as client:
-        for start in range(0, len(acting), BULK_LIMIT):
-            batch = acting[start : start + BULK_LIMIT]
+        for batch in chunks(acting, BULK_LIMIT):
             try:
                 await _act_on_batch(client, rule, batch, parameters.dry_run, report)
             except Exception as error:  # a failed re-read skips its batch, not the pass

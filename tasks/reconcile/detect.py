@@ -23,10 +23,21 @@ from prefect.exceptions import ObjectNotFound
 from sqlalchemy import text
 
 from tasks.database import connect, dialect_of, is_reachable
-from tasks.prefect_api import PAGE_SIZE, PrefectApiError, call, prefect_client
+from tasks.prefect_api import (
+    PAGE_SIZE,
+    RunKind,
+    api_time,
+    api_uuid,
+    call,
+    chunks,
+    flow_names_by_id,
+    prefect_client,
+    read_every_row,
+    read_runs_in_chunks,
+)
 from tasks.reconcile.heartbeats import LATEST_HEARTBEAT_SQL, latest_heartbeats
 from tasks.reconcile.parameters import ReconcileParameters
-from tasks.reconcile.rules import TERMINAL_STATES, Judging, Rule, RunKind, Selection, Snapshot, Verdict
+from tasks.reconcile.rules import TERMINAL_STATES, Judging, Rule, Selection, Snapshot, Verdict
 from tasks.settings import describe_database_url, get_settings
 
 
@@ -226,103 +237,6 @@ async def _snapshots_from_database(selection: Selection, scope: RunScope, judgin
 # ---------------------------------------------------------------- through the API
 
 
-def _time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
-def _uuid(value: str | None) -> UUID | None:
-    return UUID(value) if value else None
-
-
-# A failing page is read again in this many parts: each 500 costs the server a logged
-# traceback, so fewer, wider levels beat halving.
-_SPLIT = 8
-
-
-async def _read_page(
-    client: PrefectClient, path: str, body: dict, offset: int, limit: int
-) -> tuple[list, int]:
-    try:
-        return await call(client, "POST", path, json={**body, "offset": offset, "limit": limit}), 0
-    except PrefectApiError as error:
-        if error.status_code != 500:
-            raise
-        if limit == 1:
-            return [], 1
-    rows: list = []
-    failed = 0
-    step = -(-limit // _SPLIT)
-    for part in range(offset, offset + limit, step):
-        part_rows, part_failed = await _read_page(client, path, body, part, min(step, offset + limit - part))
-        rows += part_rows
-        failed += part_failed
-        if len(part_rows) + part_failed < min(step, offset + limit - part):
-            break  # past the last row
-    return rows, failed
-
-
-async def read_every_row(client: PrefectClient, path: str, body: dict) -> tuple[list[dict], int]:
-    """Every row of a `/.../filter` route, and how many rows the server could not serialise."""
-    rows: list[dict] = []
-    unreadable = 0
-    offset = 0
-    while True:
-        page, failed = await _read_page(client, path, body, offset, PAGE_SIZE)
-        rows += page
-        unreadable += failed
-        if len(page) + failed < PAGE_SIZE:
-            return rows, unreadable
-        offset += PAGE_SIZE
-
-
-async def read_runs_by_id(
-    client: PrefectClient, run_kind: RunKind, run_ids: Iterable[UUID]
-) -> tuple[dict[UUID, dict], set[UUID]]:
-    """Current rows of these runs by id, and the ids whose row the server cannot serialise
-    (flow runs hit by the NULL `state_timestamp` bug). Ids of deleted runs are in neither."""
-    ids = list(dict.fromkeys(run_ids))
-    if not ids:
-        return {}, set()
-    path, key = (
-        ("/flow_runs/filter", "flow_runs") if run_kind == "flow_run" else ("/task_runs/filter", "task_runs")
-    )
-    body = {key: {"id": {"any_": [str(run_id) for run_id in ids]}}, "limit": len(ids)}
-    try:
-        return {UUID(row["id"]): row for row in await call(client, "POST", path, json=body)}, set()
-    except PrefectApiError as error:
-        if error.status_code != 500:
-            raise
-        if len(ids) == 1:
-            return {}, set(ids)
-    middle = len(ids) // 2
-    first, first_unreadable = await read_runs_by_id(client, run_kind, ids[:middle])
-    second, second_unreadable = await read_runs_by_id(client, run_kind, ids[middle:])
-    return first | second, first_unreadable | second_unreadable
-
-
-async def _read_in_chunks(client: PrefectClient, run_kind: RunKind, run_ids: Iterable[UUID]):
-    ids = list(dict.fromkeys(run_ids))
-    rows: dict[UUID, dict] = {}
-    unreadable: set[UUID] = set()
-    for start in range(0, len(ids), PAGE_SIZE):
-        chunk_rows, chunk_unreadable = await read_runs_by_id(client, run_kind, ids[start : start + PAGE_SIZE])
-        rows |= chunk_rows
-        unreadable |= chunk_unreadable
-    return rows, unreadable
-
-
-async def _flow_names(client: PrefectClient, flow_ids: Iterable[str]) -> dict[str, str]:
-    ids = sorted(set(flow_ids))
-    names: dict[str, str] = {}
-    for start in range(0, len(ids), PAGE_SIZE):
-        chunk = ids[start : start + PAGE_SIZE]
-        rows = await call(
-            client, "POST", "/flows/filter", json={"flows": {"id": {"any_": chunk}}, "limit": len(chunk)}
-        )
-        names |= {row["id"]: row["name"] for row in rows}
-    return names
-
-
 def scope_filters(scope: RunScope) -> tuple[dict[str, Any], dict[str, Any]]:
     """(flow run filter, flow filter) for the include filters."""
     flow_runs: dict[str, Any] = {}
@@ -356,7 +270,7 @@ async def _snapshots_from_api(
 async def _flow_run_snapshots(client: PrefectClient, rows: list[dict], heartbeats: bool) -> list[Snapshot]:
     if not rows:
         return []
-    flow_names = await _flow_names(client, (row["flow_id"] for row in rows))
+    flow_names = await flow_names_by_id(client, (row["flow_id"] for row in rows))
     latest: dict[UUID, datetime] = {}
     if heartbeats:
         earliest = min(datetime.fromisoformat(row["created"]) for row in rows)
@@ -373,12 +287,12 @@ async def _flow_run_snapshots(client: PrefectClient, rows: list[dict], heartbeat
                 run_id=run_id,
                 run_name=row["name"],
                 flow_name=flow_names.get(row["flow_id"]),
-                state_id=_uuid(row["state_id"]),
+                state_id=api_uuid(row["state_id"]),
                 state_type=row["state_type"],
                 state_name=row["state_name"],
-                state_timestamp=_time((row.get("state") or {}).get("timestamp")),
-                start_time=_time(row["start_time"]),
-                next_scheduled_start_time=_time(row["next_scheduled_start_time"]),
+                state_timestamp=api_time((row.get("state") or {}).get("timestamp")),
+                start_time=api_time(row["start_time"]),
+                next_scheduled_start_time=api_time(row["next_scheduled_start_time"]),
                 latest_heartbeat=latest.get(run_id),
                 is_subflow=row["parent_task_run_id"] is not None,
                 holder_id=holder["id"] if holder else None,
@@ -393,13 +307,13 @@ async def _flow_run_snapshots(client: PrefectClient, rows: list[dict], heartbeat
 async def _holder_states(client: PrefectClient, flow_run_ids: Iterable[UUID]) -> dict[UUID, dict[str, Any]]:
     """Flow run id -> its flow, state type and timestamp; unreadable ones are Running (that
     is what makes them unreadable) with an unknown timestamp; deleted ones are missing."""
-    rows, unreadable = await _read_in_chunks(client, "flow_run", flow_run_ids)
+    rows, unreadable = await read_runs_in_chunks(client, "flow_run", flow_run_ids)
     states = {
         run_id: {
             "id": run_id,
             "flow_id": row["flow_id"],
             "state_type": row["state_type"],
-            "state_timestamp": _time((row.get("state") or {}).get("timestamp")),
+            "state_timestamp": api_time((row.get("state") or {}).get("timestamp")),
         }
         for run_id, row in rows.items()
     }
@@ -416,7 +330,7 @@ async def _subflow_holders(
     """Parent task run id -> the parent flow run's state, for the parents that still exist."""
     if not parent_task_run_ids:
         return {}
-    task_rows, _ = await _read_in_chunks(
+    task_rows, _ = await read_runs_in_chunks(
         client, "task_run", (UUID(task_id) for task_id in parent_task_run_ids)
     )
     holder_ids = {str(task_id): UUID(row["flow_run_id"]) for task_id, row in task_rows.items()}
@@ -452,7 +366,7 @@ async def _task_run_snapshots(
         return []
     holders = await _holder_states(client, {UUID(row["flow_run_id"]) for row in rows.values()})
     subflows = await _subflows_of(client, list(rows))
-    flow_names = await _flow_names(
+    flow_names = await flow_names_by_id(
         client, (holder["flow_id"] for holder in holders.values() if holder["flow_id"])
     )
     snapshots = []
@@ -464,11 +378,11 @@ async def _task_run_snapshots(
                 run_id=UUID(row["id"]),
                 run_name=row["name"],
                 flow_name=flow_names.get(holder.get("flow_id") or ""),
-                state_id=_uuid(row["state_id"]),
+                state_id=api_uuid(row["state_id"]),
                 state_type=row["state_type"],
                 state_name=row["state_name"],
-                state_timestamp=_time((row.get("state") or {}).get("timestamp")),
-                start_time=_time(row["start_time"]),
+                state_timestamp=api_time((row.get("state") or {}).get("timestamp")),
+                start_time=api_time(row["start_time"]),
                 holder_id=holder_id,
                 holder_state_type=holder.get("state_type"),
                 holder_state_timestamp=holder.get("state_timestamp"),
@@ -482,8 +396,8 @@ async def _task_run_snapshots(
 async def _subflows_of(client: PrefectClient, task_run_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Task run id -> the subflow it stands for (id and state type), for those that have one."""
     subflows: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(task_run_ids), PAGE_SIZE):
-        body = {"flow_runs": {"parent_task_run_id": {"any_": task_run_ids[start : start + PAGE_SIZE]}}}
+    for chunk in chunks(task_run_ids, PAGE_SIZE):
+        body = {"flow_runs": {"parent_task_run_id": {"any_": chunk}}}
         rows, _ = await read_every_row(client, "/flow_runs/filter", {**body, "sort": "ID_DESC"})
         subflows |= {
             row["parent_task_run_id"]: {"id": UUID(row["id"]), "state_type": row["state_type"]}

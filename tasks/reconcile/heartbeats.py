@@ -16,7 +16,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 
-from tasks.prefect_api import HEARTBEAT_EVENT, PAGE_SIZE, call
+from tasks.prefect_api import HEARTBEAT_EVENT, PAGE_SIZE, call, chunks
 
 RESOURCE_PREFIX = "prefect.flow-run."
 
@@ -58,8 +58,8 @@ async def latest_heartbeats(
     """Run id -> time of its latest heartbeat event after `since`, for the runs that have one."""
     ids = list(dict.fromkeys(run_ids))
     latest: dict[UUID, datetime] = {}
-    for start in range(0, len(ids), PAGE_SIZE):
-        resources = {"id": [f"{RESOURCE_PREFIX}{run_id}" for run_id in ids[start : start + PAGE_SIZE]]}
+    for chunk in chunks(ids, PAGE_SIZE):
+        resources = {"id": [f"{RESOURCE_PREFIX}{run_id}" for run_id in chunk]}
         for count in await latest_by_resource(client, HEARTBEAT_EVENT, resources, since):
             latest[UUID(count["value"].removeprefix(RESOURCE_PREFIX))] = datetime.fromisoformat(
                 count["end_time"]

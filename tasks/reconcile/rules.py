@@ -18,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 from uuid import UUID
 
+from tasks.prefect_api import TERMINAL_STATES, RunKind
 from tasks.reconcile.parameters import ReconcileParameters
 
-TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 NON_TERMINAL_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 STATE_NAMES = {
     "SCHEDULED": "Scheduled",
@@ -39,8 +38,6 @@ STATE_NAMES = {
 # Not a Prefect state: the Unknown rule's `delete` action removes the run through the API.
 DELETE = "DELETE"
 UNKNOWN_STATE_TARGETS = {"crash": "CRASHED", "fail": "FAILED", "cancel": "CANCELLED", "delete": DELETE}
-
-RunKind = Literal["flow_run", "task_run"]
 
 
 @dataclass(frozen=True)

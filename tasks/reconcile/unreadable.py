@@ -24,7 +24,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 
-from tasks.prefect_api import PrefectApiError, call
+from tasks.prefect_api import PrefectApiError, call, chunks
 from tasks.reconcile.heartbeats import RESOURCE_PREFIX, latest_by_resource
 
 RUNNING_EVENT = "prefect.flow-run.Running"
@@ -51,8 +51,8 @@ async def find_unreadable_running_runs(
     readable = set(readable)
     candidates = [run_id for run_id in names if run_id not in readable]
     running: list[UUID] = []
-    for start in range(0, len(candidates), _COUNT_CHUNK):
-        running += await _running_among(client, flow_runs, flows, candidates[start : start + _COUNT_CHUNK])
+    for chunk in chunks(candidates, _COUNT_CHUNK):
+        running += await _running_among(client, flow_runs, flows, chunk)
     return [
         UnreadableRun(run_id, names[run_id]) for run_id in running if await _fails_to_read(client, run_id)
     ]

@@ -32,7 +32,6 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, nullcontext
-from datetime import datetime
 from time import monotonic, perf_counter
 from typing import Any, TypeVar
 from uuid import UUID
@@ -46,7 +45,9 @@ from tasks.prefect_api import (
     DELETES_LOGS_OF_DELETED_RUNS,
     PAGE_SIZE,
     PrefectApiError,
+    api_time,
     call,
+    chunks,
     paginate,
     prefect_client,
     server_has,
@@ -72,10 +73,6 @@ LOG_STALL_SECONDS = 30.0
 T = TypeVar("T")
 
 
-def _timestamp(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
 def run_record(row: dict[str, Any]) -> RunRecord:
     state = row.get("state")
     return RunRecord(
@@ -86,19 +83,14 @@ def run_record(row: dict[str, Any]) -> RunRecord:
         # A run without a state shows as "Unknown": not known to be finished.
         state_type=row.get("state_type") if state else None,
         finished=age_reference(
-            _timestamp(row.get("end_time")),
-            _timestamp(state["timestamp"]) if state else None,
-            _timestamp(row.get("expected_start_time")),
-            _timestamp(row.get("created")),
+            api_time(row.get("end_time")),
+            api_time(state["timestamp"]) if state else None,
+            api_time(row.get("expected_start_time")),
+            api_time(row.get("created")),
         ),
         tags=tuple(row.get("tags") or ()),
         parent_task_run_id=UUID(row["parent_task_run_id"]) if row.get("parent_task_run_id") else None,
     )
-
-
-def _chunks(values: list[T], size: int) -> Iterable[list[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 def _ids(values: Iterable[UUID]) -> list[str]:
@@ -276,7 +268,7 @@ class ApiEngine:
             for row in await self._all("/flow_runs/filter", {**body, "sort": "ID_DESC"}):
                 runs[UUID(row["id"])] = run_record(row)
         oldest_first = sorted(runs.values(), key=lambda run: (run.finished, run.id))
-        for page in _chunks(oldest_first, page_size):
+        for page in chunks(oldest_first, page_size):
             yield page
 
     async def names_of(
@@ -320,12 +312,12 @@ class ApiEngine:
         while parents:
             level += 1
             children = []
-            for chunk in _chunks(parents, PAGE_SIZE):
+            for chunk in chunks(parents, PAGE_SIZE):
                 children += await self._runs({"parent_flow_run_id": {"any_": _ids(chunk)}})
             if not children:
                 break
             task_runs = {}
-            for chunk in _chunks(sorted({child.parent_task_run_id for child in children}), PAGE_SIZE):
+            for chunk in chunks(sorted({child.parent_task_run_id for child in children}), PAGE_SIZE):
                 for row in await self._all("/task_runs/filter", {"task_runs": {"id": {"any_": _ids(chunk)}}}):
                     task_runs[UUID(row["id"])] = UUID(row["flow_run_id"])
             parents = []
@@ -385,7 +377,7 @@ class ApiEngine:
         broken: set[UUID] = set()
         for level in sorted({depth[run.id] for run in runs}, reverse=True):
             wanted = [run for run in runs if depth[run.id] == level and root_of[run.id] not in broken]
-            for done in await self._gather(self._delete_runs(chunk) for chunk in _chunks(wanted, BULK_LIMIT)):
+            for done in await self._gather(self._delete_runs(chunk) for chunk in chunks(wanted, BULK_LIMIT)):
                 deleted |= done
             broken |= {root_of[run.id] for run in wanted if run.id not in deleted}
         return deleted, broken
@@ -424,7 +416,7 @@ class ApiEngine:
         stays in. A row of an earlier state (a task run forced on afterwards) is left to the
         orphan sweep."""
         states_of: dict[UUID, list[UUID]] = {}
-        for chunk in _chunks(flow_run_ids, PAGE_SIZE):
+        for chunk in chunks(flow_run_ids, PAGE_SIZE):
             body = {
                 "task_runs": {
                     "flow_run_id": {"any_": _ids(chunk)},
@@ -459,7 +451,7 @@ class ApiEngine:
         """Delete the runs' artifacts; those sharing a key one after another, since the server
         re-points the key's collection on each delete and two at once could point it at the other."""
         by_key: dict[str, list[str]] = {}
-        for chunk in _chunks(list(flow_run_ids), PAGE_SIZE):
+        for chunk in chunks(list(flow_run_ids), PAGE_SIZE):
             for row in await self._all(
                 "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": _ids(chunk)}}}
             ):
@@ -501,7 +493,7 @@ class ApiEngine:
 
     async def _forget_runs_without_logs(self) -> None:
         """Drop queued runs, oldest first, a few at a time while none of them has a log left."""
-        for chunk in _chunks(list(self._logs_queued), LOG_CHECK_RUNS):
+        for chunk in chunks(list(self._logs_queued), LOG_CHECK_RUNS):
             body = {"logs": {"flow_run_id": {"any_": _ids(chunk)}}, "limit": 1}
             if await self._call("POST", "/logs/filter", body):
                 return

@@ -7,14 +7,12 @@ model carries the rules (ranges, known names, combinations). A bad value raises
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.prefect_api import DeploymentName
+from tasks.prefect_api import TERMINAL_STATES, DeploymentName, TerminalState
 
-TerminalState = Literal["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
-TERMINAL_STATES: tuple[str, ...] = get_args(TerminalState)
 EngineChoice = Literal["auto", "api", "sql"]
 
 # Anything younger could still be a run that is being written; one hour is also the

@@ -23,6 +23,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tasks.database import describe_error
 from tasks.health import backlog, concurrency, postgres, sqlite
 from tasks.health.models import (
     Backend,
@@ -34,7 +35,7 @@ from tasks.health.models import (
     TableFigures,
 )
 from tasks.health.prefect_indexes import missing_indexes
-from tasks.health.statements import describe_error, rows_of
+from tasks.health.statements import rows_of
 from tasks.health.thresholds import Thresholds
 from tasks.reports import Progress, human_bytes
 

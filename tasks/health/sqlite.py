@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tasks.database import describe_error
 from tasks.health.bloat import bloat_between
 from tasks.health.models import PREFECT_BIG_TABLES, IndexFigures, TableFigures
-from tasks.health.statements import describe_error, rows_of
+from tasks.health.statements import rows_of
 from tasks.reports import human_bytes
 
 if TYPE_CHECKING:

@@ -15,10 +15,3 @@ async def rows_of(
     bound = {key: value for key, value in (parameters or {}).items() if f":{key}" in statement}
     result = await connection.execute(text(statement), bound)
     return [dict(row) for row in result.mappings()]
-
-
-def describe_error(error: BaseException) -> str:
-    """The error's class and first line; SQLAlchemy's own text would repeat the statement."""
-    original = getattr(error, "orig", None) or error
-    message = str(original).strip().splitlines()[0] if str(original).strip() else ""
-    return f"{type(original).__name__}: {message[:300]}"

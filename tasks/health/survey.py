@@ -15,13 +15,12 @@ from datetime import UTC, datetime
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.database import DatabaseUnavailable, connect, dialect_of
+from tasks.database import DatabaseUnavailable, connect, describe_error, dialect_of
 from tasks.health import postgres, sqlite
 from tasks.health.checks import Probe, run_checks
 from tasks.health.history import TABLE_KEY, apply_growth, read_previous_report, table_artifact_description
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, PreviousReport, verdict_of
 from tasks.health.render import MARKDOWN_KEY, markdown_description, render_markdown, table_rows
-from tasks.health.statements import describe_error
 from tasks.health.thresholds import HealthParameters
 from tasks.prefect_api import PrefectApiError
 from tasks.reports import Progress, publish_markdown, publish_table

@@ -61,11 +61,11 @@ async def end_stuck_runs(
             try:
                 await _act_on_batch(client, rule, batch, parameters.dry_run, report)
             except Exception as error:  # a failed re-read skips its batch, not the pass
-                report.notes.append(f"a batch of {len(batch)} runs failed: {_error_reason(error)}")
+                report.notes.append(f"a batch of {len(batch)} runs failed: {error_reason(error)}")
                 recorded = {action.run_id for action in report.runs}
                 for candidate in batch:
                     if candidate.run.run_id not in recorded:
-                        report.record(_action(candidate, "skipped", _error_reason(error)))
+                        report.record(_action(candidate, "skipped", error_reason(error)))
         budget -= len(acting)
         if rule.unreadable_are_found and findings.unreadable and budget > 0:
             try:
@@ -136,7 +136,7 @@ async def _act_on_batch(
             try:
                 reason = await _apply(client, rule, candidate)
             except Exception as error:  # one run's failure must not stop the others
-                reason = _error_reason(error)
+                reason = error_reason(error)
         return _action(candidate, "skipped" if reason else "fixed", reason)
 
     actions = await asyncio.gather(*(apply(candidate) for candidate in ready))
@@ -145,7 +145,8 @@ async def _act_on_batch(
     await _emit_reconciled(client, rule, [action for action in actions if action.outcome == "fixed"])
 
 
-def _error_reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
+    """Why a run or a limit was skipped: the error, redacted."""
     return f"error: {describe_error(error)}"
 
 
@@ -329,7 +330,7 @@ async def _repair_by_id(
         try:
             reason = await _set_state(client, rule, "flow_run", run.run_id, _UNREADABLE_VERDICT)
         except Exception as error:  # one run's failure must not stop the others
-            reason = _error_reason(error)
+            reason = error_reason(error)
         action = _unreadable_action(run.run_id, run.run_name, "skipped" if reason else "fixed", reason)
         report.record(action)
         if action.outcome == "fixed":

@@ -44,7 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, paginate, prefect_client
-from tasks.reconcile.actions import _error_reason, emit_maintenance_events, maintenance_event
+from tasks.reconcile.actions import emit_maintenance_events, error_reason, maintenance_event
 from tasks.reconcile.detect import DetectionSource, RunScope
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.report import RuleReport, SlotCorrection, SlotHolder
@@ -274,7 +274,7 @@ async def reconcile_concurrency_slots(
             try:
                 correction = await _correct(client, source, detected, parameters.dry_run)
             except Exception as error:  # one limit's failure must not stop the others
-                correction = _correction(detected, detected, "skipped", _error_reason(error))
+                correction = _correction(detected, detected, "skipped", error_reason(error))
             report.record_slots(correction)
             if correction.change and not parameters.dry_run:
                 corrected.append(correction)

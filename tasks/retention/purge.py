@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from tasks.database import describe_error
 from tasks.prefect_api import HEARTBEAT_EVENT
 from tasks.reports import Progress
 from tasks.retention.engine import RetentionEngine
@@ -84,7 +85,7 @@ async def purge_expired_runs(
             outcome = await delete_batch(engine, quote(batch.runs), quote(policy), parameters.dry_run)
         except Exception as error:
             result.stopped_reason = "failed"
-            result.error = f"{type(error).__name__}: {error}"
+            result.error = describe_error(error)
             logger.error(
                 "batch %d failed after its retries, stopping: %s", result.totals.batches + 1, result.error
             )

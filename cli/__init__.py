@@ -13,7 +13,8 @@ standard output or a file) and exit 1 when the flow fails. Their options are mad
 flow's own parameters and docstring, so the command line and the UI's Custom run form
 always offer the same: a list parameter is a repeatable option (`--tag a --tag b`), a
 mapping one takes `KEY=VALUE` (`--per-state-days FAILED=90`), `none` empties an optional
-value. A value of the wrong type fails before anything is read, naming the option.
+value. A bad value fails before anything is read, naming the option, the way the flow
+itself would refuse it (exit code 2).
 
 A retention run that deletes first runs the same retention as a dry run, shows what it
 would delete and asks to confirm, unless `--yes`; without a terminal to ask, it refuses.
@@ -40,16 +41,46 @@ class FlowCommand:
     module: str
     function: str
     summarize: Callable[[Any], list[str]]
+    # "module:callable" that validates the flow's arguments the way the flow does first.
+    validator: str
 
     def flow(self):
-        module = __import__(self.module, fromlist=[self.function])
-        return getattr(module, self.function)
+        return _load(f"{self.module}:{self.function}")
+
+    def validate(self, parameters: dict[str, Any]) -> None:
+        _load(self.validator)(**parameters)
+
+
+def _load(reference: str):
+    module_name, _, attribute = reference.partition(":")
+    target = __import__(module_name, fromlist=[attribute.split(".")[0]])
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
 
 
 FLOW_COMMANDS = (
-    FlowCommand("retention", "flows.retention", "retention", retention_summary),
-    FlowCommand("reconcile", "flows.reconcile", "reconcile_stuck_runs", reconcile_summary),
-    FlowCommand("health", "flows.db_health", "db_health_report", health_summary),
+    FlowCommand(
+        "retention",
+        "flows.retention",
+        "retention",
+        retention_summary,
+        "tasks.retention.parameters:RetentionParameters.parse",
+    ),
+    FlowCommand(
+        "reconcile",
+        "flows.reconcile",
+        "reconcile_stuck_runs",
+        reconcile_summary,
+        "tasks.reconcile.parameters:ReconcileParameters.parse",
+    ),
+    FlowCommand(
+        "health",
+        "flows.db_health",
+        "db_health_report",
+        health_summary,
+        "tasks.health.thresholds:validate_parameters",
+    ),
 )
 NONE_WORDS = ("none", "null", "")
 
@@ -190,7 +221,9 @@ def run_flow_command(command: FlowCommand, arguments: argparse.Namespace, option
     parameters = flow_parameters(arguments, options)
     try:
         flow.validate_parameters(parameters)
-    except Exception as error:  # Prefect's ParameterTypeError names the parameter
+        # The flow's own first step: a bad value fails here, before anything is read.
+        command.validate({name: value for name, value in parameters.items() if name in options})
+    except Exception as error:  # both name the parameter
         raise CommandLineError(_named_by_option(str(error), options)) from None
     deletes = command.name == "retention" and not parameters.get("dry_run", False)
     try:
@@ -218,7 +251,7 @@ def run_flow_command(command: FlowCommand, arguments: argparse.Namespace, option
 def _named_by_option(message: str, options: dict[str, str]) -> str:
     """A parameter's error message as the command line's user reads it: by the option's name."""
     for parameter, option in sorted(options.items(), key=lambda item: -len(item[0])):
-        message = re.sub(rf"(?<![\w-])(parameter )?{parameter}:", f"{option}:", message)
+        message = re.sub(rf"(?<![\w-])(parameter )?{parameter}(?=[:.])", option, message)
     return message
 
 

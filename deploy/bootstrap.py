@@ -44,11 +44,11 @@ from deploy import (
 )
 from deploy.deployments import apply_deployment, check_accepted, deployment_requests
 from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.settings import DatabaseUrlError, get_settings
 
 WORK_POOL_TYPE = ProcessWorker.type
 QUEUE_CONCURRENCY_LIMIT = 1
 # Read by prefect.yaml's `{{ $...}}` placeholders while deploying; the user's value wins.
-DEPLOY_ENVIRONMENT_DEFAULTS = {"MAINTENANCE_TIMEZONE": "UTC"}
 # `make install PREFECT_VERSION=<version>` installs the Prefect of a server listed here.
 
 
@@ -130,8 +130,8 @@ async def bootstrap() -> list[str]:
     api_url = require_api_url()
     document = read_prefect_file()
     target = maintenance_queue(read_deployments())
-    for name, value in DEPLOY_ENVIRONMENT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    # prefect.yaml's `{{ $MAINTENANCE_TIMEZONE }}` is filled from the environment.
+    os.environ.setdefault("MAINTENANCE_TIMEZONE", get_settings().timezone)
     requests = deployment_requests(document)
     async with prefect_client() as client:
         await check_accepted(client, requests)
@@ -149,7 +149,7 @@ async def bootstrap() -> list[str]:
 def main() -> int:
     try:
         report = asyncio.run(bootstrap())
-    except (DeploymentConfigError, PrefectApiError) as error:
+    except (DeploymentConfigError, DatabaseUrlError, PrefectApiError) as error:
         print(f"deploy failed: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:

@@ -37,7 +37,14 @@ from deploy import (
     read_deployments,
     require_api_url,
 )
-from tasks.prefect_api import EVENT_STREAM_ACCEPTS_AUTH, prefect_client, server_version, version_tuple
+from tasks.prefect_api import (
+    EVENT_STREAM_ACCEPTS_AUTH,
+    PrefectApiError,
+    prefect_client,
+    server_version,
+    version_tuple,
+)
+from tasks.settings import DatabaseUrlError, get_settings
 
 # One flow run at a time on this worker, whatever the queue says.
 WORKER_RUN_LIMIT = 1
@@ -116,7 +123,7 @@ def main() -> int:
         target = maintenance_queue(read_deployments())
         asyncio.run(check_client_fits_server())
         asyncio.run(check_alone_on_pool(target, name))
-    except DeploymentConfigError as error:
+    except (DeploymentConfigError, DatabaseUrlError, PrefectApiError) as error:
         print(f"worker not started: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:
@@ -125,7 +132,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    os.environ.setdefault("MAINTENANCE_PROJECT_DIR", str(PROJECT_ROOT))
+    # The deployments' pull step moves each run into `{{ $MAINTENANCE_PROJECT_DIR }}`.
+    os.environ["MAINTENANCE_PROJECT_DIR"] = get_settings().project_dir or str(PROJECT_ROOT)
     command = worker_command(target, name)
     print(f"starting worker {name!r} on {target.pool}/{target.queue}", flush=True)
     os.execv(command[0], command)

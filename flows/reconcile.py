@@ -61,7 +61,7 @@ async def reconcile_stuck_runs(
         tags: only runs carrying one of these tags.
         work_queue_names: only runs of these work queues.
     """
-    parameters = ReconcileParameters(
+    parameters = ReconcileParameters.parse(
         dry_run=dry_run,
         cancelling_after_minutes=cancelling_after_minutes,
         pending_after_minutes=pending_after_minutes,
@@ -70,10 +70,10 @@ async def reconcile_stuck_runs(
         late_after_hours=late_after_hours,
         unknown_state_action=unknown_state_action,
         max_actions=max_actions,
-        deployment_names=tuple(deployment_names or ()),
-        flow_names=tuple(flow_names or ()),
-        tags=tuple(tags or ()),
-        work_queue_names=tuple(work_queue_names or ()),
+        deployment_names=deployment_names,
+        flow_names=flow_names,
+        tags=tags,
+        work_queue_names=work_queue_names,
     )
     logger = get_run_logger()
     clock = time.monotonic()

@@ -104,7 +104,23 @@ class MaintenanceSettings(BaseSettings):
         description="Default retention rate limit (0 = unlimited).",
     )
 
-    @field_validator("database_url", mode="before")
+    report_database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="MAINTENANCE_REPORT_DATABASE_URL",
+        description="On the worker: the read-only role's URL that report and reconcile runs use instead.",
+    )
+    timezone: str = Field(
+        default="UTC",
+        validation_alias="MAINTENANCE_TIMEZONE",
+        description="Read by `make deploy`: the timezone of the deployments' schedules.",
+    )
+    project_dir: str | None = Field(
+        default=None,
+        validation_alias="MAINTENANCE_PROJECT_DIR",
+        description="On the worker: where the project's code is (default: the folder it runs from).",
+    )
+
+    @field_validator("database_url", "report_database_url", mode="before")
     @classmethod
     def _check_database_url(cls, value: object) -> object:
         if value in (None, ""):

@@ -131,10 +131,33 @@ async def test_a_bad_option_fails_at_once_naming_it_and_changes_nothing(
     assert await flow_run_count(module_server) == before
 
 
-async def test_a_bad_value_fails_naming_the_option_and_deletes_nothing(module_server, history):
-    result = prefect_maintenance(module_server, "retention", "--older-than-days", "0.01", "--yes")
-    assert result.returncode == 1
-    assert "--older-than-days: must be more than one hour" in result.stderr
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["retention", "--older-than-days", "0.01", "--yes"],
+            "--older-than-days: must be more than one hour",
+        ),
+        (
+            ["retention", "--deployment-name", "no-slash", "--dry-run"],
+            "--deployment-name.0: 'no-slash' is not of the form 'flow-name/deployment-name'",
+        ),
+        (["reconcile", "--max-actions", "0"], "--max-actions: Input should be greater than or equal to 1"),
+        (
+            ["health", "--threshold", "tabel_bloat_percent=30"],
+            "--thresholds.tabel_bloat_percent: unknown threshold",
+        ),
+    ],
+)
+async def test_a_value_the_flow_would_refuse_fails_before_any_run_naming_the_option(
+    module_server, history, arguments, message
+):
+    before = await flow_run_count(module_server)
+    result = prefect_maintenance(module_server, *arguments)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    # Refused before the flow ran: not even a failed run in the UI, nothing deleted.
+    assert await flow_run_count(module_server) == before
     assert await existing(module_server, history.old_finished) == {str(run) for run in history.old_finished}
 
 

@@ -15,12 +15,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import serving
-from pydantic import ValidationError
 from sqlalchemy import bindparam, text
 
 from flows.reconcile import reconcile_stuck_runs
 from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
+from tasks.parameters import ParameterError
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.actions import RECONCILED_EVENT, end_stuck_runs
 from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
@@ -457,8 +457,8 @@ async def test_an_unknown_deployment_or_flow_name_fails_before_anything_is_touch
 
 @pytest.mark.no_stack
 def test_parameters_reject_bad_values_by_name():
-    with pytest.raises(ValidationError, match="zombie_after_minutes"):
-        ReconcileParameters(zombie_after_minutes=-1)
+    with pytest.raises(ParameterError, match="invalid reconcile parameters: zombie_after_minutes: "):
+        ReconcileParameters.parse(zombie_after_minutes=-1)
     assert ReconcileParameters(late_after_hours=2).threshold("late_after_hours") == timedelta(hours=2)
 
 

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tasks.parameters import ParameterError
 from tasks.retention.api_engine import run_record as api_run_record
-from tasks.retention.parameters import RetentionParameterError, RetentionParameters
+from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import (
     CHANGED,
     GONE_OR_BUSY,
@@ -75,7 +76,7 @@ def policy(**parameters) -> RetentionPolicy:
     ],
 )
 def test_a_bad_value_is_refused_with_its_parameter_named(values, parameter):
-    with pytest.raises(RetentionParameterError, match=rf"invalid retention parameters: {parameter}\b"):
+    with pytest.raises(ParameterError, match=rf"invalid retention parameters: {parameter}\b"):
         RetentionParameters.parse(**values)
 
 

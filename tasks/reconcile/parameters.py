@@ -1,26 +1,27 @@
 """The reconcile flow's parameters, validated once before anything is read or changed.
 
 The flow's signature carries the types the Prefect UI renders as a form; this model
-carries the rules. A bad value raises pydantic's `ValidationError`, whose message starts
-with the parameter's name.
+carries the rules, in the shape of every flow's (`tasks.parameters`). A bad value raises
+`ParameterError`, whose message starts with the parameter's name.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tasks.parameters import FlowParameters
 from tasks.prefect_api import DeploymentName
 
 UnknownStateAction = Literal["crash", "fail", "cancel", "delete"]
 
 
-class ReconcileParameters(BaseModel):
+class ReconcileParameters(FlowParameters):
     """One reconcile pass: a threshold per rule, what to do with Unknown runs, a cap, a scope."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    described_as: ClassVar[str] = "reconcile parameters"
 
     dry_run: bool = False
     # Prefect's own cancellation cleanup gives a Cancelling run 5 minutes; a worker that

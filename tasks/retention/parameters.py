@@ -1,16 +1,18 @@
 """The retention flow's parameters, validated once before anything is read or deleted.
 
 The flow's signature carries the types the Prefect UI needs to render its form; this
-model carries the rules (ranges, known names, combinations). A bad value raises
-`RetentionParameterError` whose message starts with the parameter's name.
+model carries the rules (ranges, known names, combinations) in the shape of every flow's
+(`tasks.parameters`). A bad value raises `ParameterError` whose message starts with the
+parameter's name.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
+from tasks.parameters import FlowParameters
 from tasks.prefect_api import TERMINAL_STATES, DeploymentName, TerminalState
 
 EngineChoice = Literal["auto", "api", "sql"]
@@ -20,14 +22,10 @@ EngineChoice = Literal["auto", "api", "sql"]
 MINIMUM_AGE_DAYS = 1 / 24
 
 
-class RetentionParameterError(ValueError):
-    """A parameter the retention flow cannot accept; the message names it."""
-
-
-class RetentionParameters(BaseModel):
+class RetentionParameters(FlowParameters):
     """What one retention run should delete, and how fast."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    described_as: ClassVar[str] = "retention parameters"
 
     older_than_days: float = 30.0
     states: tuple[TerminalState, ...] = TERMINAL_STATES
@@ -73,27 +71,3 @@ class RetentionParameters(BaseModel):
 
     def days_for(self, state: str) -> float:
         return self.per_state_days.get(state, self.older_than_days)
-
-    @classmethod
-    def parse(cls, **values: object) -> RetentionParameters:
-        """Validate flow arguments (None means the default); raise a message naming the parameter."""
-        given = {name: value for name, value in values.items() if value is not None}
-        for name in ("max_minutes", "events_older_than_days", "heartbeat_events_older_than_days"):
-            # For these, None is a real choice (no limit / leave events alone), not "default".
-            if name in values and values[name] is None:
-                given[name] = None
-        try:
-            return cls.model_validate(given)
-        except ValidationError as error:
-            raise RetentionParameterError(_describe(error)) from None
-
-
-def _describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        name = ".".join(str(part) for part in item["loc"])
-        detail = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            detail = "is not a retention parameter"
-        problems.append(f"{name}: {detail}")
-    return "invalid retention parameters: " + "; ".join(problems)

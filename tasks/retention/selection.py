@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from pydantic import SecretStr
 
 from tasks.database import is_reachable
+from tasks.parameters import ParameterError
 from tasks.retention.api_engine import ApiEngine
 from tasks.retention.engine import RetentionEngine
-from tasks.retention.parameters import RetentionParameterError, RetentionParameters
+from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.sql_engine import SqlEngine
@@ -40,14 +41,12 @@ async def open_engine(choice: str, throttle: Throttle) -> AsyncIterator[Retentio
     database_url: SecretStr | str | None
     if choice == "sql" or (choice == "auto" and await is_reachable(url)):
         if url is None:
-            raise RetentionParameterError(
+            raise ParameterError(
                 "engine: 'sql' needs database access, and no database URL is configured "
                 "(MAINTENANCE_DATABASE_URL or PREFECT_API_DATABASE_CONNECTION_URL)"
             )
         if choice == "sql" and not await is_reachable(url):
-            raise RetentionParameterError(
-                f"engine: 'sql' but the {describe_database_url(url)} is not reachable"
-            )
+            raise ParameterError(f"engine: 'sql' but the {describe_database_url(url)} is not reachable")
         engine_class, database_url = SqlEngine, url
     else:
         # Chosen explicitly with a database at hand: it deletes what the API cannot.
@@ -86,7 +85,7 @@ async def build_policy(
 def _require_all(parameter: str, names: tuple[str, ...], found: dict[str, object]) -> None:
     missing = [name for name in names if name not in found]
     if missing:
-        raise RetentionParameterError(f"{parameter}: nothing is named {', '.join(map(repr, missing))}")
+        raise ParameterError(f"{parameter}: nothing is named {', '.join(map(repr, missing))}")
 
 
 @dataclass(frozen=True)

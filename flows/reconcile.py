@@ -21,12 +21,12 @@ from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
 from tasks.reconcile.passes import ReconcilePass, walk_rules
 from tasks.reconcile.report import ReconcileReport, RuleReport, final_state, publish_reconcile_report
 from tasks.reconcile.rules import RULES, Rule
-from tasks.reports import Progress
+from tasks.reports import Progress, run_name
 
 DEFAULTS = ReconcileParameters()
 
 
-@flow(name="reconcile-stuck-runs")
+@flow(name="reconcile-stuck-runs", flow_run_name=run_name("reconcile-stuck-runs"))
 async def reconcile_stuck_runs(
     dry_run: bool = DEFAULTS.dry_run,
     cancelling_after_minutes: float = DEFAULTS.cancelling_after_minutes,
@@ -36,10 +36,10 @@ async def reconcile_stuck_runs(
     late_after_hours: float | None = DEFAULTS.late_after_hours,
     unknown_state_action: UnknownStateAction = DEFAULTS.unknown_state_action,
     max_actions: int = DEFAULTS.max_actions,
-    deployment_names: list[str] | None = None,
-    flow_names: list[str] | None = None,
-    tags: list[str] | None = None,
-    work_queue_names: list[str] | None = None,
+    deployment_names: list[str] = [],
+    flow_names: list[str] = [],
+    tags: list[str] = [],
+    work_queue_names: list[str] = [],
 ) -> ReconcileReport:
     """End stuck runs: Unknown, stuck Cancelling or Pending, zombie Running, over max
     runtime, Late forever, orphaned subflows, open task runs, and repair poison pills.

@@ -14,6 +14,7 @@ from time import perf_counter
 
 from prefect import flow, get_run_logger
 
+from tasks.reports import run_name
 from tasks.retention.parameters import EngineChoice, RetentionParameters, TerminalState
 from tasks.retention.purge import (
     delete_old_events,
@@ -37,16 +38,16 @@ class RetentionFailed(RuntimeError):
     """A batch failed even after its retries; the report says what was done before."""
 
 
-@flow(name="retention")
+@flow(name="retention", flow_run_name=run_name("retention"))
 async def retention(
     older_than_days: float = DEFAULTS.older_than_days,
-    states: list[TerminalState] | None = None,
-    per_state_days: dict[TerminalState, float] | None = None,
+    states: list[TerminalState] = list(DEFAULTS.states),
+    per_state_days: dict[TerminalState, float] = {},
     keep_last_per_deployment: int = DEFAULTS.keep_last_per_deployment,
-    deployment_names: list[str] | None = None,
-    flow_names: list[str] | None = None,
-    tags: list[str] | None = None,
-    exclude_tags: list[str] | None = None,
+    deployment_names: list[str] = [],
+    flow_names: list[str] = [],
+    tags: list[str] = [],
+    exclude_tags: list[str] = [],
     dry_run: bool = DEFAULTS.dry_run,
     engine: EngineChoice = DEFAULTS.engine,
     batch_size: int = DEFAULTS.batch_size,
@@ -63,8 +64,8 @@ async def retention(
         older_than_days: a finished run older than this is deleted (more than one hour).
             Its age counts from its end time, else its state's time, else when it was due,
             else when it was created.
-        states: the terminal states to delete (COMPLETED, FAILED, CANCELLED, CRASHED);
-            empty: all four.
+        states: the terminal states to delete (COMPLETED, FAILED, CANCELLED, CRASHED;
+            at least one).
         per_state_days: a different age per state, e.g. {"FAILED": 90}.
         keep_last_per_deployment: keep the newest N finished runs of every deployment,
             however old.

@@ -8,7 +8,8 @@ shows the history of each report under its key (`retention-report`, `reconcile-r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +20,22 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.context import FlowRunContext
+
+
+def run_name(flow_name: str, changes_things: bool = True) -> Callable[[], str]:
+    """A flow run name that says the flow, dry run or real, and when: the runs list then
+    tells a dry run from the real one ("retention · dry run · 2026-05-26 17:56 UTC")."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        if not changes_things:
+            return f"{flow_name} · {when}"
+        dry = bool((flow_run.parameters or {}).get("dry_run"))
+        return f"{flow_name} · {'dry run' if dry else 'real'} · {when}"
+
+    return name
 
 
 def in_flow_run() -> bool:

@@ -2,35 +2,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
+def counts(values: Mapping[str, int]) -> str:
+    """`CRASHED 8 · COMPLETED 6`: largest first, nothing for zero."""
+    ranked = sorted(
+        ((name, count) for name, count in values.items() if count), key=lambda item: (-item[1], item[0])
+    )
+    return " · ".join(f"{name} {count:,}" for name, count in ranked) or "none"
+
+
 def reconcile_summary(report: Any) -> list[str]:
-    lines = [report.summary() + f" (detection: {report.detection})"]
+    verb = "would fix" if report.dry_run else "fixed"
+    lines = [report.summary() + f" (runs found by {report.detection})"]
     for rule in report.rules:
-        if rule.found:
-            lines.append(
-                f"  {rule.rule:28} found {rule.found}, fixed {rule.fixed}, skipped {rule.skipped} -> {rule.sets}"
-            )
+        if rule.found or rule.error:
+            line = f"  {rule.rule:20} found {rule.found}, {verb} {rule.fixed}, skipped {rule.skipped}"
+            lines.append(line + (f", failed: {rule.error}" if rule.error else f" -> {rule.sets}"))
     return lines
 
 
 def retention_summary(report: Any) -> list[str]:
     verb = "would delete" if report.dry_run else "deleted"
     lines = [
-        f"engine {report.engine}: {verb} {report.flow_runs_deleted} flow runs in {report.seconds:.1f} s "
-        f"({report.stopped_reason}, {report.remaining} remaining)",
-        f"  by state: {report.by_state}",
-        f"  by deployment: {report.by_deployment}",
+        f"{verb} {report.flow_runs_deleted:,} flow runs with the {report.engine} engine in {report.seconds:.1f} s "
+        f"({report.stopped_reason}, {report.remaining:,} remaining)",
+        f"  by state:      {counts(report.by_state)}",
+        f"  by deployment: {counts(report.by_deployment)}",
     ]
-    rows = {table: count for table, count in report.rows_deleted.items() if count}
-    if rows:
-        lines.append(f"  rows {verb}: {rows}")
+    if any(report.rows_deleted.values()):
+        lines.append(f"  rows {verb}: {counts(report.rows_deleted)}")
+    for title, rows in (("orphans", report.orphan_rows_deleted), ("events", report.event_rows_deleted)):
+        if any(rows.values()):
+            lines.append(f"  {title} {verb}: {counts(rows)}")
     return lines
 
 
 def health_summary(report: Any) -> list[str]:
-    lines = [f"verdict: {report.verdict.upper()} on {report.database} ({len(report.flags)} flags)"]
+    lines = [f"verdict {report.verdict.upper()} on the {report.database}: {len(report.flags)} flags"]
     for flag in report.flags[:8]:
-        lines.append(f"  [{flag.severity}] {flag.check}: {flag.object} = {flag.value}")
+        value = "" if flag.value is None else f" = {flag.value}{f' {flag.unit}' if flag.unit else ''}"
+        lines.append(f"  {flag.severity:8} {flag.check}: {flag.object}{value}")
+    if len(report.flags) > 8:
+        lines.append(f"  ... and {len(report.flags) - 8} more in the report")
     return lines

@@ -17,7 +17,7 @@ from pathlib import Path
 # The flows' own log lines go to the Prefect UI; the terminal shows the summaries only.
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
-from sqlalchemy import text  # noqa: E402
+from sqlalchemy import bindparam, text  # noqa: E402
 
 from localstack.seed import seed_messy_history  # noqa: E402
 from localstack.stack import DEFAULT_PORT, DEFAULT_STATE_DIR, Stack  # noqa: E402
@@ -35,6 +35,17 @@ PREFECT_TABLES = (
 )
 
 
+MAINTENANCE_FLOWS = ("retention", "reconcile-stuck-runs", "db-health-report")
+# What the maintenance runs themselves write: their flow runs, task runs, logs and events.
+OWN_ROWS = {
+    "flow_run": "SELECT count(*) FROM flow_run JOIN flow ON flow.id = flow_run.flow_id WHERE flow.name IN :flows",
+    "task_run": "SELECT count(*) FROM task_run JOIN flow_run ON flow_run.id = task_run.flow_run_id "
+    "JOIN flow ON flow.id = flow_run.flow_id WHERE flow.name IN :flows",
+    "log": "SELECT count(*) FROM log JOIN flow_run ON flow_run.id = log.flow_run_id "
+    "JOIN flow ON flow.id = flow_run.flow_id WHERE flow.name IN :flows",
+}
+
+
 async def table_counts() -> dict[str, int]:
     from tasks.database import connect
 
@@ -45,14 +56,36 @@ async def table_counts() -> dict[str, int]:
         }
 
 
-def print_counts(title: str, counts: dict[str, int], before: dict[str, int] | None = None) -> None:
+async def own_rows() -> dict[str, int]:
+    """Rows of the maintenance flows' own runs, per table."""
+    from tasks.database import connect
+
+    async with connect() as connection:
+        return {
+            table: (
+                await connection.execute(
+                    text(statement).bindparams(bindparam("flows", expanding=True)),
+                    {"flows": MAINTENANCE_FLOWS},
+                )
+            ).scalar_one()
+            for table, statement in OWN_ROWS.items()
+        }
+
+
+def print_counts(
+    title: str,
+    counts: dict[str, int],
+    before: dict[str, int] | None = None,
+    own: dict[str, int] | None = None,
+) -> None:
     print(f"\n{title}")
     for table, count in counts.items():
         change = "" if before is None else f"  ({count - before[table]:+,})"
-        print(f"  {table:22} {count:>8,}{change}")
+        mine = f"  of which the maintenance runs' own: {own[table]:,}" if own and own.get(table) else ""
+        print(f"  {table:22} {count:>8,}{change}{mine}")
 
 
-async def run_flows(ui_url: str) -> None:
+async def run_flows() -> None:
     from localstack.summaries import FLOW_STEPS
 
     for step in FLOW_STEPS:
@@ -61,7 +94,17 @@ async def run_flows(ui_url: str) -> None:
         print(f"\n== {step.title} ({time.perf_counter() - started:.1f} s)")
         for line in step.summarize(report):
             print(f"  {line}")
-    print(f"\nThe reports are artifacts in the Prefect UI: {ui_url}/artifacts")
+
+
+async def deploy_maintenance() -> None:
+    """The four maintenance deployments on the demo's server: `make up` then shows them,
+    with their Custom run forms."""
+    from deploy.bootstrap import bootstrap
+
+    print("\nDeploying the maintenance flows onto this server (make deploy):")
+    for line in await bootstrap():
+        if not line.startswith("next:"):
+            print(f"  {line}")
 
 
 async def story(stack: Stack) -> None:
@@ -73,9 +116,16 @@ async def story(stack: Stack) -> None:
         print(f"  {name:40} {count}")
     before = await table_counts()
     print_counts("Rows in Prefect's tables:", before)
-    await run_flows(stack.server.ui_url)
-    print_counts("Rows in Prefect's tables after maintenance:", await table_counts(), before)
+    await run_flows()
     await flush_to_server()
+    print_counts(
+        "Rows in Prefect's tables after maintenance (the maintenance runs add their own runs, "
+        "task runs, logs and events):",
+        await table_counts(),
+        before,
+        await own_rows(),
+    )
+    await deploy_maintenance()
 
 
 async def flush_to_server() -> None:
@@ -104,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     stack.postgres.drop_database(stack.database)
     print("Starting embedded PostgreSQL and a Prefect server...")
     stack.up()
-    print(f"Prefect UI: {stack.server.ui_url} (API {stack.api_url})")
 
     from localstack.client import pointed_at
 
@@ -114,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_running:
             stack.down()
-            print("\nStack stopped. `make up` starts it again with this data for the UI.")
+            print(
+                "\nStack stopped. `make up` starts it again with this data: the reports under "
+                f"{stack.server.ui_url}/artifacts, the maintenance deployments and their Custom run "
+                f"forms under {stack.server.ui_url}/deployments."
+            )
     print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
     return 0
 

@@ -199,10 +199,23 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_se
         "a dry run changes nothing"
     )
 
+    cascaded = {
+        "flow_run_state": await scalar(
+            "SELECT count(*) FROM flow_run_state WHERE flow_run_id = ANY(:ids)", ids=list(expected)
+        ),
+        "task_run_state": await scalar(
+            "SELECT count(*) FROM task_run_state JOIN task_run ON task_run.id = task_run_state.task_run_id "
+            "WHERE task_run.flow_run_id = ANY(:ids)",
+            ids=list(expected),
+        ),
+    }
     state = await retention(engine="sql", exclude_tags=["purge-keep"], **QUICK, return_state=True)
     report = await state.result()
     assert report.flow_runs_deleted == dry.flow_runs_deleted
     assert {table: report.rows_deleted[table] for table in dry.rows_deleted} == dry.rows_deleted
+    # The rows the deletes cascade to are counted too, exactly, in the dry run as well.
+    assert {table: dry.rows_deleted[table] for table in cascaded} == cascaded
+    assert all(cascaded.values())
     assert report.rows_deleted["task_run_state_cache"] == 3
     assert report.rows_deleted["artifact_collection"] == 2
     assert report.rows_deleted["artifact_collection re-pointed"] == 1

@@ -156,13 +156,7 @@ async def retention(
         notes=notes,
     )
     await report.publish()
-    logger.info(
-        "Retention %s %d flow runs in %.1f s (%s)",
-        "would delete" if parameters.dry_run else "deleted",
-        report.flow_runs_deleted,
-        report.seconds,
-        report.stopped_reason,
-    )
+    logger.info("Retention %s (%s)", report.summary(), report.stopped_reason)
     if purge.error:
         raise RetentionFailed(f"retention stopped after {report.flow_runs_deleted} flow runs: {purge.error}")
     return report

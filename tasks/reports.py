@@ -71,11 +71,32 @@ class Progress:
             await aupdate_progress_artifact(self.artifact_id, progress=percent)
 
 
+def minute(moment: datetime | None) -> str:
+    """A time as reports show it: `2026-05-26 17:56 UTC`."""
+    if moment is None:
+        return "-"
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def run_link(name: str, run_id: UUID | str, kind: str = "flow-run") -> str:
+    """The run's name, linked to its page in the Prefect UI when the UI's address is known."""
+    from prefect.settings import get_current_settings
+
+    ui_url = get_current_settings().ui_url
+    label = name.replace("[", "(").replace("]", ")")
+    return f"[{label}]({ui_url.rstrip('/')}/runs/{kind}/{run_id})" if ui_url else label
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """`1 batch`, `3 batches`."""
+    return f"{count:,} {singular if count == 1 else plural_form or singular + 's'}"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub-flavoured markdown table; cells are escaped so that names cannot break it."""
 
     def cell(value: Any) -> str:
-        text = "" if value is None else str(value)
+        text = "" if value is None else minute(value) if isinstance(value, datetime) else str(value)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

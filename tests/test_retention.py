@@ -13,6 +13,7 @@ ones only read the seeded history, the story then purges it.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime
 
@@ -35,7 +36,7 @@ from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord
 from tasks.retention.purge import limitations, purge_expired_runs
 from tasks.retention.rate_limit import Throttle
-from tasks.retention.report import REPORT_KEY
+from tasks.retention.report import BREAKDOWN_KEY, REPORT_KEY
 from tasks.retention.selection import build_policy, count_expired_runs, expired_batches, open_engine
 from tasks.retention.sql_engine import ADVISORY_LOCK_KEY, RetentionAlreadyRunning
 from tasks.settings import get_settings
@@ -242,9 +243,19 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_se
             json={"artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}},
         )
     published = {(artifact["key"], artifact["type"]) for artifact in artifacts}
-    assert {(REPORT_KEY, "markdown"), (REPORT_KEY, "table"), (None, "progress")} <= published
-    markdown = next(artifact["data"] for artifact in artifacts if artifact["type"] == "markdown")
+    # One kind of artifact per key, so that each key's history in the UI reads as one story.
+    assert published == {(REPORT_KEY, "markdown"), (BREAKDOWN_KEY, "table"), (None, "progress")}
+    card = next(artifact for artifact in artifacts if artifact["type"] == "markdown")
+    assert card["description"] == f"deleted 16 flow runs · sql · {report.seconds:,.1f} s"
+    markdown = card["data"]
     assert "deleted 16 flow runs" in markdown and "purge-etl/hourly" in markdown
+    assert "## Rows deleted with the runs" in markdown and "1 batches" not in markdown
+    # The sample is oldest first, its times to the minute, its subflows said to go with their parent.
+    finished = [run.finished for run in report.sample]
+    assert finished == sorted(finished)
+    assert re.search(r"\| \d{4}-\d\d-\d\d \d\d:\d\d UTC \|", markdown)
+    assert any(run.subflow for run in report.sample) and "(subflow: goes with its parent)" in markdown
+    assert f"/runs/flow-run/{report.sample[0].id})" in markdown
 
     again = await retention(engine="sql", exclude_tags=["purge-keep"], **QUICK)
     assert again.flow_runs_deleted == 0

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from tasks.database import describe_error
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.rules import Rule
-from tasks.reports import markdown_table, publish_markdown, publish_table
+from tasks.reports import markdown_table, publish_markdown, publish_table, run_link
 
 REPORT_KEY = "reconcile-report"
 RUNS_TABLE_KEY = "reconcile-report-runs"
@@ -208,14 +208,24 @@ class ReconcileReport(BaseModel):
             f"{self.summary().capitalize()}.",
             f"Detection: {self.detection_note}. At most {self.max_actions} actions per pass.",
             "",
+            # Numbers first: at any width the counts are on screen; what each rule finds and
+            # sets is the legend below.
             markdown_table(
-                ["rule", "finds", "threshold", "sets", "found", fixed_header, "skipped", "left", "seconds"],
+                ["rule", "found", fixed_header, "skipped", "left", "seconds", "threshold"],
                 (
-                    (rule.title, rule.finds, rule.threshold, rule.sets, rule.found)
-                    + (rule.fixed, rule.skipped, rule.left, f"{rule.seconds:.2f}")
+                    (rule.title, rule.found, rule.fixed, rule.skipped, rule.left, f"{rule.seconds:.2f}")
+                    + (rule.threshold,)
                     for rule in self.rules
                 ),
             ),
+            "",
+            "<details><summary>What each rule finds and sets</summary>",
+            "",
+            markdown_table(
+                ["rule", "finds", "sets"], ((rule.title, rule.finds, rule.sets) for rule in self.rules)
+            ),
+            "",
+            "</details>",
         ]
         for rule in self.rules:
             if rule.error:
@@ -233,14 +243,14 @@ class ReconcileReport(BaseModel):
                 f"## {rule.title}",
                 "",
                 markdown_table(
-                    ["run", "flow", "from", "to", "outcome", "seen"],
+                    ["outcome", "from", "to", "run", "flow", "seen"],
                     (
                         (
-                            f"{action.run_name} (`{action.run_id}`)",
-                            action.flow_name or "",
+                            action.outcome + (f": {action.reason}" if action.reason else ""),
                             action.from_state,
                             action.to_state,
-                            action.outcome + (f": {action.reason}" if action.reason else ""),
+                            run_link(action.run_name, action.run_id, action.run_kind.replace("_", "-")),
+                            action.flow_name or "",
                             action.seen,
                         )
                         for action in shown

@@ -16,10 +16,13 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from tasks.reports import markdown_table, publish_markdown, publish_table
+from tasks.reports import markdown_table, plural, publish_markdown, publish_table, run_link
 from tasks.retention.policy import RunRecord
 
 REPORT_KEY = "retention-report"
+# The per-state, per-deployment and per-flow counts, as a table: a key of its own, so that each
+# key's history in the UI holds one kind of artifact.
+BREAKDOWN_KEY = "retention-report-breakdown"
 SAMPLE_SIZE = 20
 BREAKDOWN_ROWS = 25
 NO_DEPLOYMENT = "(no deployment)"
@@ -75,6 +78,8 @@ class RunSample(BaseModel):
     flow: str
     deployment: str
     finished: datetime | None
+    # A subflow goes with its top-level run's tree, whatever its own age.
+    subflow: bool = False
 
 
 class RetentionReport(BaseModel):
@@ -144,8 +149,11 @@ class RetentionReport(BaseModel):
                     flow=flow_name(run.flow_id),
                     deployment=deployment_name(run.deployment_id),
                     finished=run.finished,
+                    subflow=run.parent_task_run_id is not None,
                 )
-                for run in totals.sample
+                for run in sorted(
+                    totals.sample, key=lambda run: (run.finished is None, run.finished, run.name)
+                )
             ],
             left=dict(totals.left.most_common()),
             batches=totals.batches,
@@ -166,15 +174,25 @@ class RetentionReport(BaseModel):
             for name, count in counts.items()
         ]
 
+    def summary(self) -> str:
+        """One line, numbers first: the artifact's description and the flow's last log line."""
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"{verb} {plural(self.flow_runs_deleted, 'flow run')} · {self.engine} · {self.seconds:,.1f} s"
+            + (f" · {self.remaining:,} remaining" if self.remaining else "")
+            + (" · dry run" if self.dry_run else "")
+        )
+
     def to_markdown(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
         title = "Retention dry run" if self.dry_run else "Retention"
+        gone = "a real run would delete" if self.dry_run else "deleted"
         lines = [
-            f"# {title}: {verb} {self.flow_runs_deleted:,} flow runs",
+            f"# {title}: {verb} {plural(self.flow_runs_deleted, 'flow run')}",
             "",
             f"- engine: **{self.engine}** ({self.database})",
             f"- ages: {', '.join(f'{state} {days:g} days' for state, days in self.days_per_state.items())}",
-            f"- {self.batches:,} batches in {self.seconds:,.1f} s "
+            f"- {plural(self.batches, 'batch', 'batches')} in {self.seconds:,.1f} s "
             f"({self.runs_per_second:,.1f} runs/s; limit "
             f"{f'{self.max_runs_per_second:g} runs/s' if self.max_runs_per_second else 'none'}"
             f"{f', slowed down {self.slowdowns} times' if self.slowdowns else ''})",
@@ -184,9 +202,9 @@ class RetentionReport(BaseModel):
         if self.vacuumed_tables:
             lines.append(f"- maintained afterwards (VACUUM/ANALYZE): {', '.join(self.vacuumed_tables)}")
         tables = [
-            (f"Rows {verb} with the runs", self.rows_deleted),
-            ("Orphaned rows deleted", self.orphan_rows_deleted),
-            (f"Events {verb}", self.event_rows_deleted),
+            (f"Rows {gone} with the runs", self.rows_deleted),
+            (f"Orphaned rows {gone}", self.orphan_rows_deleted),
+            (f"Events {gone}", self.event_rows_deleted),
         ]
         for heading, rows in tables:
             if rows:
@@ -212,12 +230,20 @@ class RetentionReport(BaseModel):
         if self.sample:
             lines += [
                 "",
-                f"## Sample of {len(self.sample)} flow runs {verb}",
+                f"## {plural(len(self.sample), 'flow run')} {gone}, oldest first"
+                + (f" (of {self.flow_runs_deleted:,})" if self.flow_runs_deleted > len(self.sample) else ""),
                 "",
                 markdown_table(
-                    ["name", "id", "state", "flow", "deployment", "finished"],
+                    ["finished", "state", "flow run", "deployment", "flow"],
                     (
-                        (run.name, run.id, run.state, run.flow, run.deployment, run.finished)
+                        (
+                            run.finished,
+                            run.state,
+                            run_link(run.name, run.id)
+                            + (" (subflow: goes with its parent)" if run.subflow else ""),
+                            run.deployment,
+                            run.flow,
+                        )
                         for run in self.sample
                     ),
                 ),
@@ -227,12 +253,13 @@ class RetentionReport(BaseModel):
         return "\n".join(lines) + "\n"
 
     async def publish(self) -> None:
-        """Table first, markdown last: the key's latest artifact is the readable report."""
-        description = "Retention dry run" if self.dry_run else "Retention"
+        """The readable report under its key, the breakdown as a table under its own."""
+        await publish_markdown(REPORT_KEY, self.to_markdown(), self.summary())
         await publish_table(
-            REPORT_KEY, self.breakdown_rows(), f"{description}: flow runs per state, deployment, flow"
+            BREAKDOWN_KEY,
+            self.breakdown_rows(),
+            f"Flow runs per state, deployment and flow: {self.summary()}",
         )
-        await publish_markdown(REPORT_KEY, self.to_markdown(), description)
 
 
 def _counted(rows: Mapping[str, int]) -> dict[str, int]:

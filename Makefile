@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
 STATE_DIR ?= .local/stack
 PORT ?= 4200
 
-.PHONY: install demo test lint up down status deploy worker bench clean
+.PHONY: install demo test lint up down status deploy worker bench screenshots clean
 
 # The Prefect of .venv: the lock's (the newest) by default; `make install
 # PREFECT_VERSION=3.4.25` installs that version's locked requirements (prefect-versions/)
@@ -75,6 +75,12 @@ bench: $(VENV)
 	$(PYTHON) -m bench.retention --runs $(BENCH_RUNS) --json .local/bench/retention.json
 	$(PYTHON) -m bench.reconcile --runs $(BENCH_POPULATION) --json .local/bench/reconcile.json
 	$(PYTHON) -m bench.health --runs $(BENCH_POPULATION) --json .local/bench/health.json
+
+# The demo's reports in a headless Chromium (Debian's package, installed when missing),
+# 1,600 px wide, into docs/screenshots/ (the README's pictures).
+screenshots: install
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-dejavu-core; }
+	$(PYTHON) -m localstack.screenshots
 
 clean: down
 	rm -rf .local

@@ -219,13 +219,9 @@ class ReconcileReport(BaseModel):
                 ),
             ),
             "",
-            "<details><summary>What each rule finds and sets</summary>",
+            "What each rule finds, and the state it sets:",
             "",
-            markdown_table(
-                ["rule", "finds", "sets"], ((rule.title, rule.finds, rule.sets) for rule in self.rules)
-            ),
-            "",
-            "</details>",
+            *(f"- **{rule.title}**: {rule.finds}. Sets: {rule.sets}." for rule in self.rules),
         ]
         for rule in self.rules:
             if rule.error:

@@ -175,8 +175,7 @@ def judge_poison_pill(run: Snapshot, judging: Judging) -> Verdict | None:
     return Verdict(
         "RUNNING",
         run.state_name or "Running",
-        "Running with no state timestamp, which makes every /flow_runs/filter page holding it "
-        "answer 500; its Running state is recorded again",
+        "Running with no state timestamp (listings holding it answer 500); Running recorded again",
     )
 
 

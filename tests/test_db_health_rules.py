@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tasks.health.bloat import bloat_between, estimate_table_bloat, measured_table_bloat
-from tasks.health.checks import CHECKS, Over, Positive
+from tasks.health.checks import CHECKS
+from tasks.health.framework import AboveThreshold, WhenPositive
 from tasks.health.models import Flag, verdict_of
 from tasks.health.thresholds import Thresholds, validate_parameters
 
@@ -36,7 +37,7 @@ def test_default_thresholds_are_the_guide_red_flags():
 
 
 def test_every_threshold_a_check_names_exists_and_the_documented_ones_are_there():
-    named = {key for check in CHECKS for key in check.rule.threshold_keys}
+    named = {key for check in CHECKS for key in check.severity_rule.threshold_keys}
     assert named <= set(Thresholds.model_fields)
     assert {
         "table_bloat_percent",
@@ -76,19 +77,19 @@ def test_overrides_replace_only_what_they_name():
     assert parameters.thresholds.table_bloat_percent_critical == 100
 
 
-def test_over_rule_warns_then_turns_critical():
+def test_the_above_threshold_rule_warns_then_turns_critical():
     thresholds = Thresholds()
-    bloat = Over("table_bloat_percent")
+    bloat = AboveThreshold("table_bloat_percent")
     assert bloat.judge(50, thresholds) is None, "the guide says above 50%"
     assert bloat.judge(50.1, thresholds) == ("warning", 50)
     assert bloat.judge(100.1, thresholds) == ("critical", 100)
     assert bloat.judge("off", thresholds) is None
-    connections = Over("connections_percent", inclusive=True)
+    connections = AboveThreshold("connections_percent", inclusive=True)
     assert connections.judge(80, thresholds) == ("warning", 80)
     assert connections.judge(95, thresholds) == ("critical", 95)
-    assert Over("blocked_query_seconds").judge(61, thresholds) == ("warning", 60)
-    assert Positive("warning").judge(0, thresholds) is None
-    assert Positive("warning").judge(3, thresholds) == ("warning", 0.0)
+    assert AboveThreshold("blocked_query_seconds").judge(61, thresholds) == ("warning", 60)
+    assert WhenPositive("warning").judge(0, thresholds) is None
+    assert WhenPositive("warning").judge(3, thresholds) == ("warning", 0.0)
 
 
 def test_the_estimate_of_a_table_sixty_percent_dead():

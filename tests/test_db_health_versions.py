@@ -12,9 +12,9 @@ from conftest import database_of, serving
 from test_db_health import flags_of
 
 from flows.db_health import db_health_report
+from tasks.health.checks.prefect_indexes import LATER_PREFECT_INDEXES
 from tasks.health.cleanup_settings import NOT_KNOWN
 from tasks.health.models import HealthReport
-from tasks.health.prefect_indexes import LATER_PREFECT_INDEXES
 
 INDEX_DEFINITIONS_SQL = (
     "SELECT indexname || ' ' || indexdef FROM pg_indexes WHERE indexname IN ({names}) ORDER BY indexname"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from tasks.health.bloat import Bloat
 
 Severity = Literal["info", "warning", "critical"]
-Verdict = Literal["ok", "warning", "critical"]
+HealthVerdict = Literal["ok", "warning", "critical"]
 Backend = Literal["postgresql", "sqlite"]
 
 # How a bloat figure was obtained, from the cheapest to the most exact.
@@ -104,7 +104,7 @@ class HealthReport(BaseModel):
     deadlocks: int | None = Field(
         None, description="Deadlocks PostgreSQL counted since its statistics reset."
     )
-    verdict: Verdict = "ok"
+    verdict: HealthVerdict = "ok"
     flags: list[Flag] = Field(default_factory=list)
     tables: list[TableFigures] = Field(default_factory=list)
     indexes: list[IndexFigures] = Field(default_factory=list)
@@ -121,7 +121,7 @@ class HealthReport(BaseModel):
 SEVERITY_ORDER: dict[Severity, int] = {"critical": 0, "warning": 1, "info": 2}
 
 
-def verdict_of(flags: list[Flag]) -> Verdict:
+def verdict_of(flags: list[Flag]) -> HealthVerdict:
     """The worst severity among the flags; informational flags never change the verdict."""
     severities = {flag.severity for flag in flags}
     if "critical" in severities:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from tasks.health.checks import CHECKS, Listed
+from tasks.health.checks import CHECKS
+from tasks.health.framework import InformationOnly
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, TableFigures
 from tasks.reports import human_bytes, markdown_table
 
@@ -199,7 +200,7 @@ def _listed_findings(report: HealthReport) -> list[str]:
     sections = []
     for check in CHECKS:
         rows = report.findings.get(check.name)
-        if not isinstance(check.rule, Listed) or not rows:
+        if not isinstance(check.severity_rule, InformationOnly) or not rows:
             continue
         headers = list(rows[0])
         sections.append(

@@ -4,12 +4,12 @@ SQLite has no dead tuples, autovacuum, connections, lock table or transaction ID
 bloat is free pages in the file (the freelist) and unused bytes inside each table's pages,
 and only `VACUUM` (or `auto_vacuum`) gives space back. `dbstat` measures both per table
 and index when SQLite was built with it (Python's own build is); without it the report
-still has the file's size and its free pages.
+still has the file's size and its free pages (judged by the catalog's `sqlite_file` check).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,10 +17,6 @@ from tasks.database import describe_error
 from tasks.health.bloat import bloat_between
 from tasks.health.models import PREFECT_BIG_TABLES, IndexFigures, TableFigures
 from tasks.health.statements import rows_of
-from tasks.reports import human_bytes
-
-if TYPE_CHECKING:
-    from tasks.health.checks import Probe
 
 NOT_APPLICABLE = (
     "SQLite has no dead rows, autovacuum, connection limit, lock table, blocked queries, transaction-ID "
@@ -108,16 +104,3 @@ def _figures_of(figures: TableFigures | IndexFigures, pages: dict[str, dict[str,
         figures.bytes = row["bytes"]
     figures.record_bloat(bloat_between(row["bytes"], row["bytes"] - row["unused"], page_size), "dbstat")
     return figures
-
-
-async def free_pages(probe: Probe) -> list[dict[str, Any]]:
-    server = probe.server
-    percent = round(100.0 * server["freelist_count"] / max(server["page_count"], 1), 1)
-    return [
-        {
-            "object": "database file",
-            "value": percent,
-            "free": human_bytes(server["freelist_count"] * server["page_size"]),
-            "pages": server["page_count"],
-        }
-    ]

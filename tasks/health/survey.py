@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.database import DatabaseUnavailable, connect, describe_error, dialect_of
 from tasks.health import postgres, sqlite
-from tasks.health.checks import Probe, run_checks
+from tasks.health.checks import CHECKS
+from tasks.health.framework import HealthContext, run_checks
 from tasks.health.history import TABLE_KEY, apply_growth, read_previous_report, table_artifact_description
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, PreviousReport, verdict_of
 from tasks.health.render import MARKDOWN_KEY, markdown_description, render_markdown, table_rows
@@ -63,18 +64,20 @@ async def survey_database(parameters: HealthParameters, previous: PreviousReport
         try:
             async with connect(read_only=True) as session:
                 connection = await session.execution_options(isolation_level="AUTOCOMMIT")
-                probe = Probe(report.backend, connection, parameters.thresholds, report, previous=previous)
+                context = HealthContext(
+                    report.backend, connection, parameters.thresholds, report, previous=previous
+                )
                 if report.backend == "postgresql":
-                    await _survey_postgresql(probe, parameters)
+                    await _survey_postgresql(context, parameters)
                 else:
-                    await _survey_sqlite(probe)
+                    await _survey_sqlite(context)
                 logger.info(
                     "Surveyed %d tables and %d indexes of the %s",
                     len(report.tables),
                     len(report.indexes),
                     report.database,
                 )
-                await run_checks(probe, progress=Progress("db-health-report: running checks"))
+                await run_checks(context, CHECKS, progress=Progress("db-health-report: running checks"))
         except DatabaseUnavailable as error:
             report.flags.append(_unreachable(report, str(error)))
     apply_growth(report, previous)
@@ -90,16 +93,16 @@ async def publish_health_report(report: HealthReport) -> None:
     await publish_markdown(MARKDOWN_KEY, render_markdown(report), markdown_description(report))
 
 
-async def _survey_postgresql(probe: Probe, parameters: HealthParameters) -> None:
-    connection, report = probe.connection, probe.report
-    probe.server = await postgres.read_server(connection)
-    report.server_version = probe.server["server_version"]
-    report.database_bytes = probe.server["database_bytes"]
-    report.deadlocks = probe.server["deadlocks"]
-    report.tables, storage = await postgres.read_tables(connection, probe.server)
-    report.indexes = await postgres.read_indexes(connection, probe.server)
+async def _survey_postgresql(context: HealthContext, parameters: HealthParameters) -> None:
+    connection, report = context.connection, context.report
+    context.server = await postgres.read_server(connection)
+    report.server_version = context.server["server_version"]
+    report.database_bytes = context.server["database_bytes"]
+    report.deadlocks = context.server["deadlocks"]
+    report.tables, storage = await postgres.read_tables(connection, context.server)
+    report.indexes = await postgres.read_indexes(connection, context.server)
     if parameters.exact:
-        await _confirm_with_pgstattuple(probe, storage, parameters.top_n)
+        await _confirm_with_pgstattuple(context, storage, parameters.top_n)
     unmeasured = [
         table.name for table in report.tables if table.bloat_method is None and table.heap_bytes > 0
     ]
@@ -111,10 +114,10 @@ async def _survey_postgresql(probe: Probe, parameters: HealthParameters) -> None
 
 
 async def _confirm_with_pgstattuple(
-    probe: Probe, storage: dict[str, postgres.TableStorage], top_n: int
+    context: HealthContext, storage: dict[str, postgres.TableStorage], top_n: int
 ) -> None:
-    report = probe.report
-    if probe.server["pgstattuple_schema"] is None:
+    report = context.report
+    if context.server["pgstattuple_schema"] is None:
         report.notes.append(PGSTATTUPLE_MISSING)
         return
     # The most suspicious first (most estimated waste), then the largest.
@@ -127,20 +130,20 @@ async def _confirm_with_pgstattuple(
     for position, table in enumerate(candidates, start=1):
         try:
             await postgres.confirm_with_pgstattuple(
-                probe.connection, table, storage[table.name], probe.server
+                context.connection, table, storage[table.name], context.server
             )
         except Exception as error:
             report.notes.append(f"pgstattuple_approx on {table.name} did not finish: {describe_error(error)}")
         await progress.update(100.0 * position / len(candidates))
 
 
-async def _survey_sqlite(probe: Probe) -> None:
-    report = probe.report
-    probe.server = await sqlite.read_server(probe.connection)
-    report.server_version = probe.server["server_version"]
-    report.database_bytes = probe.server["database_bytes"]
+async def _survey_sqlite(context: HealthContext) -> None:
+    report = context.report
+    context.server = await sqlite.read_server(context.connection)
+    report.server_version = context.server["server_version"]
+    report.database_bytes = context.server["database_bytes"]
     report.tables, report.indexes = await sqlite.read_tables_and_indexes(
-        probe.connection, probe.server, report.notes
+        context.connection, context.server, report.notes
     )
     report.notes.append(sqlite.NOT_APPLICABLE)
 

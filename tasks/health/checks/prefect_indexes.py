@@ -1,4 +1,4 @@
-"""Indexes a later Prefect migration adds to a big table, and which of them a database lacks.
+"""Checks for the indexes a later Prefect migration adds to a big table and a database lacks.
 
 The run tables are the same from Prefect 3.1 to 3.9, but their indexes are not: a server
 upgraded late (or a database restored from an old dump) misses indexes that make its queries
@@ -10,14 +10,15 @@ Most of those migrations use `CREATE INDEX CONCURRENTLY IF NOT EXISTS`: running 
 statement now gives the database the index a later upgrade would build (same name, same
 definition), and the upgrade then skips it. The 3.3.4 migration that rebuilds the events
 indexes uses a plain `CREATE INDEX`: created by hand first, the index would make that upgrade
-fail, so for those the advice is the upgrade itself.
+fail, so for those the advice is the upgrade itself: the records of that kind make their own
+check (`indexes_awaiting_upgrade`), apart from those to create now (`missing_prefect_indexes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from tasks.health.framework import Check, EveryRow, HealthContext, Query, Row
 from tasks.health.models import IndexFigures, TableFigures
 
 
@@ -72,7 +73,7 @@ LATER_PREFECT_INDEXES = (
 
 def missing_indexes(
     tables: list[TableFigures], indexes: list[IndexFigures], *, if_not_exists: bool
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """A row per record (of the given kind) whose table is there and whose index is not."""
     table_names = {_bare(table.name) for table in tables}
     present = {(_bare(index.table), _bare(index.name)) for index in indexes}
@@ -94,3 +95,35 @@ def missing_indexes(
 def _bare(name: str) -> str:
     """A relation's name without its schema (the survey qualifies names outside `public`)."""
     return name.rpartition(".")[2]
+
+
+def each_missing_index(*, if_not_exists: bool) -> Query:
+    """The later Prefect indexes (of one kind) the surveyed tables lack."""
+
+    async def run(context: HealthContext) -> list[Row]:
+        return missing_indexes(context.report.tables, context.report.indexes, if_not_exists=if_not_exists)
+
+    return run
+
+
+MISSING_PREFECT_INDEXES = Check(
+    "missing_prefect_indexes",
+    "Indexes a later Prefect adds",
+    each_missing_index(if_not_exists=True),
+    EveryRow("warning"),
+    "Prefect {added_in} adds this index to {value} (migration {revision}); without it its queries and "
+    "retention's deletes scan the table. Create it now, exactly as that migration does (the upgrade then "
+    "skips it): {statement}",
+)
+
+INDEXES_AWAITING_UPGRADE = Check(
+    "indexes_awaiting_upgrade",
+    "Indexes the next Prefect upgrade builds",
+    each_missing_index(if_not_exists=False),
+    EveryRow("info"),
+    "Prefect {added_in} builds this index on {value} (migration {revision}) with a plain CREATE INDEX: do "
+    "not create it by hand, the upgrade would fail on it. Upgrading the server builds it (it locks "
+    "{value} against writes while it does).",
+)
+
+CHECKS = (MISSING_PREFECT_INDEXES, INDEXES_AWAITING_UPGRADE)

@@ -57,8 +57,10 @@ GRANT UPDATE ON artifact_collection TO maintenance_purge;
 -- PostgreSQL allows only with UPDATE on one column: the bookkeeping `updated` column.
 GRANT UPDATE (updated) ON flow_run TO maintenance_purge;
 
--- What runs are selected and reported by: their flow, deployment, pool and queue.
-GRANT SELECT ON flow, deployment, work_pool, work_queue TO maintenance_purge, maintenance_report;
+-- What runs are selected and reported by: their flow, deployment, pool and queue; and the
+-- concurrency limits whose slots reconcile and the health report compare with their runs.
+GRANT SELECT ON flow, deployment, work_pool, work_queue, concurrency_limit_v2
+    TO maintenance_purge, maintenance_report;
 
 \if :has_maintain_privilege
 GRANT MAINTAIN ON :run_tables TO maintenance_purge;

@@ -79,7 +79,7 @@ FLOW_COMMANDS = (
         "flows.db_health",
         "db_health_report",
         health_summary,
-        "tasks.health.thresholds:validate_parameters",
+        "tasks.health.thresholds:HealthParameters.parse",
     ),
 )
 NONE_WORDS = ("none", "null", "")

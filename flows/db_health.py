@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from tasks.health.models import HealthReport
 from tasks.health.survey import publish_health_report, read_previous_health_report, survey_database
-from tasks.health.thresholds import validate_parameters
+from tasks.health.thresholds import HealthParameters
 from tasks.reports import run_name
 
 
@@ -38,7 +38,7 @@ async def db_health_report(
         thresholds: overrides by name, e.g. {"table_bloat_percent": 30}; unknown names are rejected.
         dry_run: accepted like every maintenance flow's; the report never writes anyway.
     """
-    parameters = validate_parameters(top_n=top_n, exact=exact, thresholds=thresholds, dry_run=dry_run)
+    parameters = HealthParameters.parse(top_n=top_n, exact=exact, thresholds=thresholds, dry_run=dry_run)
     logger = get_run_logger()
     previous = await read_previous_health_report()
     report = await survey_database(parameters, previous)

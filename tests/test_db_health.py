@@ -275,7 +275,7 @@ async def test_report_as_the_read_only_report_role_never_writes_and_never_leaks(
 async def test_unknown_threshold_fails_the_run_before_anything_is_read(on_module_server):
     state = await run_flow(thresholds={"tabel_bloat_percent": 30})
     assert state.is_failed()
-    assert "parameter thresholds.tabel_bloat_percent: unknown threshold" in state.message
+    assert "thresholds.tabel_bloat_percent: unknown threshold" in state.message
     assert not await artifacts_of(str(state.state_details.flow_run_id))
 
 

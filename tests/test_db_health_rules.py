@@ -10,7 +10,7 @@ from tasks.health.bloat import bloat_between, estimate_table_bloat, measured_tab
 from tasks.health.checks import CHECKS
 from tasks.health.framework import AboveThreshold, WhenPositive
 from tasks.health.models import Flag, verdict_of
-from tasks.health.thresholds import Thresholds, validate_parameters
+from tasks.health.thresholds import HealthParameters, Thresholds
 
 pytestmark = pytest.mark.no_stack
 
@@ -52,26 +52,29 @@ def test_every_threshold_a_check_names_exists_and_the_documented_ones_are_there(
 
 
 def test_an_unknown_threshold_is_rejected_by_name():
-    with pytest.raises(ValueError, match=r"parameter thresholds\.tabel_bloat_percent: unknown threshold"):
-        validate_parameters(thresholds={"tabel_bloat_percent": 30})
+    with pytest.raises(
+        ValueError,
+        match=r"invalid health report parameters: thresholds\.tabel_bloat_percent: unknown threshold",
+    ):
+        HealthParameters.parse(thresholds={"tabel_bloat_percent": 30})
 
 
 def test_a_warning_level_above_its_critical_level_is_rejected():
     with pytest.raises(
         ValueError, match="table_bloat_percent .* must not be above table_bloat_percent_critical"
     ):
-        validate_parameters(thresholds={"table_bloat_percent": 150})
+        HealthParameters.parse(thresholds={"table_bloat_percent": 150})
 
 
 def test_bad_values_name_their_parameter():
-    with pytest.raises(ValueError, match=r"parameter top_n"):
-        validate_parameters(top_n=0)
-    with pytest.raises(ValueError, match=r"parameter thresholds\.connections_percent"):
-        validate_parameters(thresholds={"connections_percent": -1})
+    with pytest.raises(ValueError, match=r"invalid health report parameters: top_n: "):
+        HealthParameters.parse(top_n=0)
+    with pytest.raises(ValueError, match=r"thresholds\.connections_percent: "):
+        HealthParameters.parse(thresholds={"connections_percent": -1})
 
 
 def test_overrides_replace_only_what_they_name():
-    parameters = validate_parameters(thresholds={"table_bloat_percent": 30, "blocked_query_seconds": 5})
+    parameters = HealthParameters.parse(thresholds={"table_bloat_percent": 30, "blocked_query_seconds": 5})
     assert parameters.thresholds.table_bloat_percent == 30
     assert parameters.thresholds.blocked_query_seconds == 5
     assert parameters.thresholds.table_bloat_percent_critical == 100

@@ -9,9 +9,11 @@ which the same check turns from warning to critical.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.parameters import FlowParameters
 
 
 class Thresholds(BaseModel):
@@ -82,29 +84,21 @@ class Thresholds(BaseModel):
         return int(self.minimum_megabytes * 1024 * 1024)
 
 
-class HealthParameters(BaseModel):
+class HealthParameters(FlowParameters):
     """The flow's parameters, validated before the database is touched."""
 
-    model_config = ConfigDict(extra="forbid")
+    described_as: ClassVar[str] = "health report parameters"
 
     top_n: int = Field(20, ge=1, le=1000, description="Tables listed in detail (and confirmed when exact).")
     exact: bool = Field(False, description="Confirm the top tables' bloat with pgstattuple_approx.")
     thresholds: Thresholds = Field(default_factory=Thresholds)
     dry_run: bool = Field(False, description="Accepted for symmetry; the report never writes.")
 
-
-def validate_parameters(**values: Any) -> HealthParameters:
-    """`HealthParameters` from the flow's arguments, or a `ValueError` naming the parameter."""
-    try:
-        return HealthParameters.model_validate(values)
-    except ValidationError as error:
-        raise ValueError("; ".join(_describe(item) for item in error.errors())) from None
-
-
-def _describe(item: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in item["loc"])
-    if item["type"] == "extra_forbidden" and item["loc"][:1] == ("thresholds",):
-        known = ", ".join(Thresholds.model_fields)
-        return f"parameter {location}: unknown threshold (known thresholds: {known})"
-    message = item["msg"].removeprefix("Value error, ")
-    return f"parameter {location or 'thresholds'}: {message}"
+    @classmethod
+    def describe_problem(cls, item: dict[str, Any]) -> str:
+        if item["type"] == "extra_forbidden" and item["loc"][:1] == ("thresholds",):
+            location = ".".join(str(part) for part in item["loc"])
+            return f"{location}: unknown threshold (known thresholds: {', '.join(Thresholds.model_fields)})"
+        if item["loc"] == ("thresholds",):  # the warning-below-critical rule names its own fields
+            return f"thresholds: {item['msg'].removeprefix('Value error, ')}"
+        return super().describe_problem(item)

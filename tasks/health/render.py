@@ -14,8 +14,9 @@ from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, TableFigures
 from tasks.reports import human_bytes, markdown_table
 
 MARKDOWN_KEY = "db-health-report"
-VERDICT_BADGES = {"ok": "🟢 OK", "warning": "🟠 WARNING", "critical": "🔴 CRITICAL"}
-SEVERITY_BADGES = {"critical": "🔴 critical", "warning": "🟠 warning", "info": "🔵 info"}
+# Words, not colour emoji: the verdict reads the same without an emoji font.
+VERDICT_BADGES = {"ok": "OK", "warning": "WARNING", "critical": "CRITICAL"}
+SEVERITY_BADGES = {"critical": "**CRITICAL**", "warning": "**warning**", "info": "info"}
 CHART_WIDTH = 40
 # Heap, indexes and TOAST, stacked in each bar.
 CHART_BLOCKS = ("█", "▓", "░")
@@ -59,8 +60,8 @@ def table_rows(report: HealthReport) -> list[dict[str, Any]]:
 
 
 def markdown_description(report: HealthReport) -> str:
-    counts = _severity_counts(report.flags)
-    return f"Database health: {report.verdict} ({counts}) · {report.database}"
+    """The card's one line: `WARNING · 2 warning · 3 info · postgresql database ...`."""
+    return f"{report.verdict.upper()} · {_severity_counts(report.flags)} · {report.database}"
 
 
 def _verdict(report: HealthReport) -> str:
@@ -100,7 +101,7 @@ def _flags(flags: list[Flag]) -> str:
         for flag in sorted(raised, key=lambda flag: SEVERITY_ORDER[flag.severity])
     ]
     return "## Flags\n\n" + markdown_table(
-        ("severity", "check", "object", "value", "threshold", "advice"), rows
+        ("severity", "check", "table, index or session", "measured", "threshold", "advice"), rows
     )
 
 
@@ -112,7 +113,9 @@ def _information(flags: list[Flag]) -> str:
     ]
     if not rows:
         return ""
-    return "## For information\n\n" + markdown_table(("check", "object", "value", "advice"), rows)
+    return "## For information\n\n" + markdown_table(
+        ("check", "table, index or session", "measured", "advice"), rows
+    )
 
 
 def _size_chart(report: HealthReport) -> str:
@@ -226,8 +229,9 @@ def _shown_tables(report: HealthReport) -> list[TableFigures]:
 
 
 def _severity_counts(flags: list[Flag]) -> str:
+    """`1 critical · 2 warning · 3 info`, leaving out none; `no flags` when there are none."""
     counts = {severity: sum(flag.severity == severity for flag in flags) for severity in SEVERITY_ORDER}
-    return f"{counts['critical']} critical, {counts['warning']} warning, {counts['info']} for information"
+    return " · ".join(f"{count} {severity}" for severity, count in counts.items() if count) or "no flags"
 
 
 def _with_unit(value: Any, unit: str) -> str:

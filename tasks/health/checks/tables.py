@@ -101,6 +101,8 @@ def _table_not_vacuumed(table: TableFigures, context: HealthContext) -> Row | No
     and the hours since its last vacuum, or since statistics began when it never had one."""
     if (table.changes_since_vacuum or 0) < context.server.get("vacuum_threshold", 50):
         return None
+    if table.total_bytes < context.thresholds.minimum_bytes:
+        return None  # a small table's vacuum costs nothing and waits for nothing
     last = max((moment for moment in (table.last_vacuum, table.last_autovacuum) if moment), default=None)
     since = last or context.server.get("statistics_since")
     if since is None:
@@ -125,7 +127,9 @@ AUTOVACUUM_STALE = Check(
 
 
 def _table_vacuum_due(table: TableFigures, context: HealthContext) -> Row | None:
-    return {"object": table.name, "value": table.dead_rows} if table.vacuum_due else None
+    if not table.vacuum_due or table.total_bytes < context.thresholds.minimum_bytes:
+        return None
+    return {"object": table.name, "value": table.dead_rows}
 
 
 AUTOVACUUM_DUE = Check(

@@ -436,7 +436,7 @@ class ApiEngine:
         deleted through the database when there is one, else counted as left."""
         if self.server_deletes_logs:
             if not dry_run:
-                self._logs_queued.update(dict.fromkeys(flow_run_ids))
+                self.expect_log_deletion(flow_run_ids)
         elif self._database is None:
             self.runs_with_logs_left += len(flow_run_ids)
         if self._database is None:
@@ -471,6 +471,11 @@ class ApiEngine:
                 raise
 
     # The server's log deletion -------------------------------------------------------
+
+    def expect_log_deletion(self, flow_run_ids: Iterable[UUID]) -> None:
+        """Deleted runs whose logs the server deletes in its queue: the next batch and the end of
+        the purge wait for them (see `LOG_QUEUE_RUNS`)."""
+        self._logs_queued.update(dict.fromkeys(flow_run_ids))
 
     async def wait_for_log_deletion(self) -> int:
         """Wait until the server has deleted the logs of every run this engine deleted, or

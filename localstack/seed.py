@@ -51,6 +51,12 @@ class MessyHistory:
     tags: list[str] = dataclasses.field(default_factory=list)
     old_finished: list[uuid.UUID] = dataclasses.field(default_factory=list)
     old_finished_by_state: dict[str, list[uuid.UUID]] = dataclasses.field(default_factory=dict)
+    # The old finished runs of each deployment ("flow/deployment"), newest first.
+    old_finished_by_deployment: dict[str, list[uuid.UUID]] = dataclasses.field(default_factory=dict)
+    # The old finished run tagged "<prefix>-keep": the newest of the first deployment.
+    keep_tagged: uuid.UUID | None = None
+    # The old finished tree without a deployment: parent, subflow, sub-subflow.
+    old_tree: list[uuid.UUID] = dataclasses.field(default_factory=list)
     old_subflows: list[uuid.UUID] = dataclasses.field(default_factory=list)
     recent_finished: list[uuid.UUID] = dataclasses.field(default_factory=list)
     unknown_state: list[uuid.UUID] = dataclasses.field(default_factory=list)
@@ -66,10 +72,13 @@ class MessyHistory:
     scheduled_tomorrow: list[uuid.UUID] = dataclasses.field(default_factory=list)
     null_state_timestamp: list[uuid.UUID] = dataclasses.field(default_factory=list)
     terminal_without_end_time: list[uuid.UUID] = dataclasses.field(default_factory=list)
+    terminal_without_end_time_by_state: dict[str, list[uuid.UUID]] = dataclasses.field(default_factory=dict)
     old_finished_parent: uuid.UUID | None = None
     running_subflow_under_finished_parent: list[uuid.UUID] = dataclasses.field(default_factory=list)
     open_task_runs_in_finished_flow: list[uuid.UUID] = dataclasses.field(default_factory=list)
     keyed_artifact_keys: list[str] = dataclasses.field(default_factory=list)
+    # The runs whose artifact has each key.
+    runs_by_artifact_key: dict[str, list[uuid.UUID]] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """How many runs each category holds, for a summary."""
@@ -81,6 +90,20 @@ class MessyHistory:
             elif isinstance(value, uuid.UUID):
                 result[field.name] = 1
         return result
+
+    def flow_runs(self) -> set[uuid.UUID]:
+        """Every flow run seeded."""
+        seeded = set()
+        for name in self.counts():
+            if name != "open_task_runs_in_finished_flow":  # task runs
+                value = getattr(self, name)
+                seeded |= set(value) if isinstance(value, list) else {value}
+        return seeded
+
+    def expired_by_default(self) -> set[uuid.UUID]:
+        """What retention's default policy deletes: the old finished runs, and the old terminal
+        runs without an end time (aged by their state time)."""
+        return set(self.old_finished) | set(self.terminal_without_end_time)
 
 
 class _Seeder:
@@ -373,8 +396,13 @@ async def seed_messy_history(
                 await seeder.artifact(run_id, key)
                 if key and key not in history.keyed_artifact_keys:
                     history.keyed_artifact_keys.append(key)
+                if key:
+                    history.runs_by_artifact_key.setdefault(key, []).append(run_id)
+                if keep in run_tags:
+                    history.keep_tagged = run_id
                 history.old_finished.append(run_id)
                 history.old_finished_by_state.setdefault(state, []).append(run_id)
+                history.old_finished_by_deployment.setdefault(f"{flow_name}/{name}", []).append(run_id)
                 seeder.age([run_id], (40 + 45 * index + 7 * index_deployment) * DAY)
 
         # An old finished tree: parent -> subflow -> sub-subflow, all terminal.
@@ -390,6 +418,7 @@ async def seed_messy_history(
         await seeder.logs(grandchild, None, 2)
         await seeder.artifact(grandchild, None)
         history.old_finished += [parent, child, grandchild]
+        history.old_tree += [parent, child, grandchild]
         history.old_subflows += [child, grandchild]
         for run_id, state in ((parent, "COMPLETED"), (child, "COMPLETED"), (grandchild, "FAILED")):
             history.old_finished_by_state.setdefault(state, []).append(run_id)
@@ -472,6 +501,7 @@ async def seed_messy_history(
         for state in ("COMPLETED", "CRASHED"):
             run_id = await seeder.flow_run(f"{prefix}-adhoc", ["PENDING", "RUNNING", state])
             history.terminal_without_end_time.append(run_id)
+            history.terminal_without_end_time_by_state.setdefault(state, []).append(run_id)
             seeder.age([run_id], 70 * DAY)
 
         # A subflow still Running under an old finished parent.

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 # Before Prefect is imported: keep this session's Prefect home and settings to itself.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="maintenance-tests-"))
@@ -34,6 +33,7 @@ for _name in (
     os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
+from history import database_of  # noqa: E402, F401 (the health report's tests import it from here)
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 
 from localstack.client import pointed_at  # noqa: E402
@@ -134,11 +134,6 @@ def module_server_factory(stack: Stack) -> Iterator[ServerFactory]:
     factory = ServerFactory(stack)
     yield factory
     factory.close()
-
-
-def database_of(server: PrefectServer) -> str:
-    """The name of the server's database on the session PostgreSQL (for `stack.postgres.psql`)."""
-    return urlsplit(server.database_url).path.lstrip("/")
 
 
 @contextmanager

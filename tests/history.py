@@ -1,9 +1,13 @@
-"""Arranging run histories for the reliability suite, and the invariants checked after each fault.
+"""Run histories for the tests: arranging them, reading back what is in the database, waiting.
 
 Runs are created through the Prefect API (flows, deployments, runs with their states,
 task runs for subflow links, logs, artifacts); only their clocks are then moved back with
 SQL, and a missing current state or end time is made the way a crash makes it. Every
 history uses flow names of its own, so a test can scope the flows to it on a shared server.
+
+What is left is read straight from the database of the settings (or of `database_url`):
+`rows` and `scalar` bind a list, tuple or set value as `IN :name`, the same on PostgreSQL
+and SQLite.
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
-from tasks.database import connect
+from localstack.stack import PrefectServer
+from tasks.database import APPLICATION_NAME, connect
 from tasks.prefect_api import call, prefect_client
 
+# Retention without pacing, vacuum or old events (heartbeats still go after their own day), for
+# the tests about what goes.
+QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 NON_TERMINAL = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 LOGS_PER_RUN = 2
@@ -36,6 +45,8 @@ class PlannedRun:
     without_end_time: bool = False
     unknown_state: bool = False
     artifact_key: str | None = None
+    # What the run stands for in its test, to find it again by `History.named`.
+    name: str | None = None
 
 
 @dataclass
@@ -58,6 +69,17 @@ class History:
             trees.setdefault(self.root_of(run_id), set()).add(run_id)
         return trees
 
+    @property
+    def named(self) -> dict[str, uuid.UUID]:
+        """The runs planned with a name, by that name."""
+        return {plan.name: run_id for run_id, plan in self.plans.items() if plan.name is not None}
+
+    def in_batches(self, size: int) -> list[list[uuid.UUID]]:
+        """The runs in the batches of `size` a purge of all of them takes: oldest first, and
+        runs of one age in the order they were created (their clocks moved back alike)."""
+        oldest_first = sorted(self.ids, key=lambda run_id: -self.plans[run_id].days_old)
+        return [oldest_first[start : start + size] for start in range(0, len(oldest_first), size)]
+
     def non_terminal(self) -> set[uuid.UUID]:
         """Runs that are not known to be finished: non-terminal states and runs without a state."""
         return {
@@ -67,9 +89,14 @@ class History:
         }
 
 
+def flow_names_of(prefix: str) -> list[str]:
+    """The flows of the history made with `prefix`: top-level runs, then subflows."""
+    return [f"{prefix}-parent", f"{prefix}-child"]
+
+
 async def create_history(prefix: str, plans: list[PlannedRun]) -> History:
     """Create `plans` (a parent always comes before its subflows) and arrange their clocks."""
-    flow_names = [f"{prefix}-parent", f"{prefix}-child"]
+    flow_names = flow_names_of(prefix)
     history = History(flow_names=flow_names)
     async with prefect_client() as client:
         flow_ids = [(await call(client, "POST", "/flows/", json={"name": name}))["id"] for name in flow_names]
@@ -179,30 +206,113 @@ async def old_finished_runs(prefix: str, count: int, *, days: float = 90, artifa
     return await create_history(prefix, plans)
 
 
-# Checks ---------------------------------------------------------------------------------
+async def move_back(database_url: str | None, run_ids: Iterable[uuid.UUID], hours: float) -> None:
+    """These flow runs entered their current state `hours` earlier (and started and were created so)."""
+    shift = "make_interval(secs => :seconds)"
+    async with connect(database_url) as connection:
+        for statement in (
+            f"UPDATE flow_run SET state_timestamp = state_timestamp - {shift}, "
+            f"start_time = start_time - {shift}, created = created - {shift} WHERE id IN :ids",
+            f"UPDATE flow_run_state SET timestamp = timestamp - {shift} WHERE flow_run_id IN :ids",
+        ):
+            await connection.execute(
+                sa.text(statement).bindparams(sa.bindparam("ids", expanding=True)),
+                {"ids": [str(run_id) for run_id in run_ids], "seconds": hours * 3600},
+            )
+        await connection.commit()
 
 
-async def rows(sql: str, **values) -> list[sa.Row]:
-    async with connect() as connection:
-        return list(await connection.execute(sa.text(sql), values))
+async def create_flow_run(flow_name: str, states: list[str], **fields) -> uuid.UUID:
+    """A run of `flow_name` (made if new) through the API, forced through `states` in turn."""
+    async with prefect_client() as client:
+        flow = await call(client, "POST", "/flows/", json={"name": flow_name})
+        run = await call(client, "POST", "/flow_runs/", json={"flow_id": flow["id"], **fields})
+        for state in states:
+            await call(
+                client,
+                "POST",
+                f"/flow_runs/{run['id']}/set_state",
+                json={"state": {"type": state, "name": state.title()}, "force": True},
+            )
+    return uuid.UUID(run["id"])
 
 
-async def scalar(sql: str, **values):
-    return (await rows(sql, **values))[0][0]
+async def list_all_flow_runs() -> int:
+    """How many flow runs the API's listing shows (its first page)."""
+    async with prefect_client() as client:
+        listed = await call(client, "POST", "/flow_runs/filter", json={"limit": 200})
+    return len(listed)
 
 
-async def existing(run_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-    found = await rows("SELECT id FROM flow_run WHERE id = ANY(:ids)", ids=list(run_ids))
-    return {row.id for row in found}
+# What is in the database ----------------------------------------------------------------
 
 
-async def owned_rows(run_ids: Iterable[uuid.UUID]) -> dict[str, int]:
+def database_of(server: PrefectServer) -> str:
+    """The name of the server's database on the session PostgreSQL (for `stack.postgres.psql`)."""
+    return urlsplit(server.database_url).path.lstrip("/")
+
+
+def _bound(value):
+    """UUIDs as text, which both backends compare with their id columns."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_bound(item) for item in value]
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
+async def rows(sql: str, *, database_url: str | None = None, **values) -> list[sa.Row]:
+    statement = sa.text(sql)
+    lists = [name for name, value in values.items() if isinstance(value, (list, tuple, set, frozenset))]
+    if lists:
+        statement = statement.bindparams(*(sa.bindparam(name, expanding=True) for name in lists))
+    async with connect(database_url) as connection:
+        found = await connection.execute(statement, {name: _bound(value) for name, value in values.items()})
+        return list(found)
+
+
+async def scalar(sql: str, *, database_url: str | None = None, **values):
+    return (await rows(sql, database_url=database_url, **values))[0][0]
+
+
+async def existing(run_ids: Iterable[uuid.UUID], *, database_url: str | None = None) -> set[uuid.UUID]:
+    """Which of these flow runs are still in the database."""
+    found = await rows(
+        "SELECT id FROM flow_run WHERE id IN :ids", database_url=database_url, ids=list(run_ids)
+    )
+    return {uuid.UUID(str(row.id)) for row in found}
+
+
+async def owned_rows(run_ids: Iterable[uuid.UUID], *, database_url: str | None = None) -> dict[str, int]:
     """Rows that belong to these flow runs, per table: zero everywhere once the runs are gone."""
     ids = list(run_ids)
     counts = {}
     for table in ("flow_run_state", "task_run", "log", "artifact"):
-        counts[table] = await scalar(f"SELECT count(*) FROM {table} WHERE flow_run_id = ANY(:ids)", ids=ids)
+        counts[table] = await scalar(
+            f"SELECT count(*) FROM {table} WHERE flow_run_id IN :ids", database_url=database_url, ids=ids
+        )
     return counts
+
+
+@dataclass
+class RunState:
+    state_id: uuid.UUID | None
+    state_type: str | None
+    state_name: str | None
+    state_timestamp: datetime | None
+    message: str | None
+
+
+async def run_states(database_url: str | None = None) -> dict[uuid.UUID, RunState]:
+    """Every flow run and task run with its current state."""
+    query = """
+        SELECT run.id, run.state_id, CAST(run.state_type AS text), run.state_name, run.state_timestamp,
+               state.message
+        FROM {table} AS run LEFT JOIN {table}_state AS state ON state.id = run.state_id
+    """
+    states = {}
+    for table in ("flow_run", "task_run"):
+        for row in await rows(query.format(table=table), database_url=database_url):
+            states[uuid.UUID(str(row[0]))] = RunState(*row[1:])
+    return states
 
 
 async def split_trees(history: History) -> set[uuid.UUID]:
@@ -212,7 +322,7 @@ async def split_trees(history: History) -> set[uuid.UUID]:
         "SELECT child.id FROM flow_run child "
         "LEFT JOIN task_run link ON link.id = child.parent_task_run_id "
         "LEFT JOIN flow_run parent ON parent.id = link.flow_run_id "
-        "WHERE child.id = ANY(:ids) AND parent.id IS NULL",
+        "WHERE child.id IN :ids AND parent.id IS NULL",
         ids=subflows,
     )
     return {row.id for row in found}
@@ -221,10 +331,13 @@ async def split_trees(history: History) -> set[uuid.UUID]:
 async def dangling_collections(keys: Iterable[str]) -> int:
     """Artifact collections of these keys whose latest artifact is gone."""
     return await scalar(
-        "SELECT count(*) FROM artifact_collection c WHERE c.key = ANY(:keys) "
+        "SELECT count(*) FROM artifact_collection c WHERE c.key IN :keys "
         "AND NOT EXISTS (SELECT 1 FROM artifact a WHERE a.id = c.latest_id)",
         keys=list(keys),
     )
+
+
+# Waiting ----------------------------------------------------------------------------------
 
 
 async def wait_for(condition, *, what: str, attempts: int = 600, pause: float = 0.05):
@@ -256,3 +369,70 @@ async def session_waiting_for_a_lock(
             },
         )
     ).scalar()
+
+
+async def waiting_maintenance_session(watcher, terminated: set[int], *, what: str) -> int:
+    """The pid of the maintenance session waiting on a held lock, once there is one (not one
+    already `terminated`)."""
+    return await wait_for(
+        lambda: session_waiting_for_a_lock(watcher, application_name=APPLICATION_NAME, exclude=terminated),
+        what=what,
+    )
+
+
+async def terminate_waiting_maintenance_session(watcher, terminated: set[int]) -> bool:
+    """Terminate the maintenance session waiting on a held lock; whether it was terminated."""
+    pid = await waiting_maintenance_session(
+        watcher, terminated, what="a maintenance session waiting for the held lock"
+    )
+    killed = (await watcher.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
+    terminated.add(pid)
+    return killed
+
+
+async def wait_for_event(database_url: str | None, run_id: uuid.UUID, event: str) -> None:
+    """The server stores events a moment after what emits them: wait until this run's `event` is stored."""
+
+    async def stored() -> int:
+        return await scalar(
+            "SELECT count(*) FROM events WHERE event = :event AND resource_id = :resource",
+            database_url=database_url,
+            event=event,
+            resource=f"prefect.flow-run.{run_id}",
+        )
+
+    await wait_for(stored, what=f"the {event} event of {run_id}", attempts=60, pause=0.5)
+
+
+class DeadlineAfterChecks:
+    """A deadline that has not passed for its first `allowed` checks, and has from then on."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+
+    @property
+    def passed(self) -> bool:
+        self.allowed -= 1
+        return self.allowed < 0
+
+
+# After a reconcile pass --------------------------------------------------------------------
+# `passes` holds the states before and after the real pass (`before`, `after_real`) and its
+# report (`real`).
+
+
+def assert_ended(passes, run_ids, state_type: str, rule: str, state_name: str | None = None) -> None:
+    assert run_ids, "the seeded history has runs of this kind"
+    for run_id in run_ids:
+        state = passes.after_real[run_id]
+        assert state.state_type == state_type, f"{run_id} should be {state_type}, is {state.state_type}"
+        if state_name:
+            assert state.state_name == state_name
+        assert f"rule {rule}:" in state.message
+    assert set(run_ids) <= set(passes.real.rule(rule).ids("fixed"))
+
+
+def assert_untouched(passes, run_ids) -> None:
+    assert run_ids, "the seeded history has runs of this kind"
+    for run_id in run_ids:
+        assert passes.after_real[run_id].state_id == passes.before[run_id].state_id, f"{run_id} was changed"

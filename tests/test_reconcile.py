@@ -15,13 +15,23 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import serving
+from history import (
+    RunState,
+    assert_ended,
+    assert_untouched,
+    create_flow_run,
+    list_all_flow_runs,
+    move_back,
+    run_states,
+    wait_for_event,
+)
 from sqlalchemy import bindparam, text
 
 from flows.reconcile import reconcile_stuck_runs
 from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.parameters import ParameterError
-from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.prefect_api import HEARTBEAT_EVENT, PrefectApiError, call, prefect_client
 from tasks.reconcile.actions import RECONCILED_EVENT, end_stuck_runs
 from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters
@@ -30,66 +40,6 @@ from tasks.reconcile.report import REPORT_KEY, ReconcileReport
 from tasks.reconcile.rules import RULES_BY_NAME
 
 LATE_AFTER_HOURS = 48
-
-
-@dataclass
-class RunState:
-    state_id: uuid.UUID | None
-    state_type: str | None
-    state_name: str | None
-    state_timestamp: datetime | None
-    message: str | None
-
-
-async def run_states(database_url: str) -> dict[uuid.UUID, RunState]:
-    """Every flow run and task run with its current state, straight from the database."""
-    query = """
-        SELECT run.id, run.state_id, CAST(run.state_type AS text), run.state_name, run.state_timestamp,
-               state.message
-        FROM {table} AS run LEFT JOIN {table}_state AS state ON state.id = run.state_id
-    """
-    states = {}
-    async with connect(database_url) as connection:
-        for table in ("flow_run", "task_run"):
-            for row in await connection.execute(text(query.format(table=table))):
-                states[row[0]] = RunState(*row[1:])
-    return states
-
-
-async def move_back(database_url: str, run_ids: list[uuid.UUID], hours: float) -> None:
-    """Arrange history: these flow runs entered their current state `hours` earlier."""
-    shift = "make_interval(secs => :seconds)"
-    async with connect(database_url) as connection:
-        for statement in (
-            f"UPDATE flow_run SET state_timestamp = state_timestamp - {shift}, "
-            f"start_time = start_time - {shift}, created = created - {shift} WHERE id IN :ids",
-            f"UPDATE flow_run_state SET timestamp = timestamp - {shift} WHERE flow_run_id IN :ids",
-        ):
-            await connection.execute(
-                text(statement).bindparams(bindparam("ids", expanding=True)),
-                {"ids": [str(run_id) for run_id in run_ids], "seconds": hours * 3600},
-            )
-        await connection.commit()
-
-
-async def create_flow_run(flow_name: str, states: list[str], **fields) -> uuid.UUID:
-    async with prefect_client() as client:
-        flow = await call(client, "POST", "/flows/", json={"name": flow_name})
-        run = await call(client, "POST", "/flow_runs/", json={"flow_id": flow["id"], **fields})
-        for state in states:
-            await call(
-                client,
-                "POST",
-                f"/flow_runs/{run['id']}/set_state",
-                json={"state": {"type": state, "name": state.title()}, "force": True},
-            )
-    return uuid.UUID(run["id"])
-
-
-async def list_all_flow_runs() -> int:
-    async with prefect_client() as client:
-        rows = await call(client, "POST", "/flow_runs/filter", json={"limit": 200})
-    return len(rows)
 
 
 @dataclass
@@ -128,23 +78,6 @@ async def passes(module_server) -> Passes:
     )
 
 
-def assert_ended(passes: Passes, run_ids, state_type: str, rule: str, state_name: str | None = None) -> None:
-    assert run_ids, "the seeded history has runs of this kind"
-    for run_id in run_ids:
-        state = passes.after_real[run_id]
-        assert state.state_type == state_type, f"{run_id} should be {state_type}, is {state.state_type}"
-        if state_name:
-            assert state.state_name == state_name
-        assert f"rule {rule}:" in state.message
-    assert set(run_ids) <= set(passes.real.rule(rule).ids("fixed"))
-
-
-def assert_untouched(passes: Passes, run_ids) -> None:
-    assert run_ids, "the seeded history has runs of this kind"
-    for run_id in run_ids:
-        assert passes.after_real[run_id].state_id == passes.before[run_id].state_id, f"{run_id} was changed"
-
-
 async def test_the_dry_run_changes_nothing_and_says_what_the_real_pass_does(passes):
     assert passes.dry.dry_run and passes.dry.detection == "sql"
     # The dry run's own flow run and task runs are the only new rows.
@@ -181,8 +114,9 @@ async def test_unknown_state_runs_get_a_real_terminal_state(passes):
 async def test_stuck_cancelling_runs_are_cancelled_and_fresh_ones_left(passes):
     assert_ended(passes, passes.history.cancelling_subflows, "CANCELLED", "stuck-cancelling")
     assert_untouched(passes, passes.history.fresh_cancelling)
-    message = passes.after_real[passes.history.cancelling_subflows[0]].message
-    assert "in Cancelling since" in message and "(3 h" in message
+    for run_id in passes.history.cancelling_subflows:
+        message = passes.after_real[run_id].message
+        assert "in Cancelling since" in message and "(3 h" in message
 
 
 async def test_stuck_pending_runs_crash_and_fresh_ones_are_left(passes):
@@ -192,7 +126,8 @@ async def test_stuck_pending_runs_crash_and_fresh_ones_are_left(passes):
 
 async def test_zombies_crash_and_runs_with_a_fresh_or_no_heartbeat_are_left(passes):
     assert_ended(passes, passes.history.zombie_running, "CRASHED", "zombie")
-    assert "no heartbeat since" in passes.after_real[passes.history.zombie_running[0]].message
+    for run_id in passes.history.zombie_running:
+        assert "no heartbeat since" in passes.after_real[run_id].message
     assert_untouched(passes, passes.history.healthy_running + passes.history.running_without_heartbeat)
 
 
@@ -362,23 +297,13 @@ async def test_orphan_with_a_fresh_heartbeat_or_a_live_parent_is_left(passes, mo
                     }
                 ],
             )
-        await wait_for_heartbeat(passes.database_url, beating)
+        await wait_for_event(passes.database_url, beating, HEARTBEAT_EVENT)
         real = await reconcile_stuck_runs(flow_names=["family"])
     assert dry_with_live_parent.rule("orphaned-subflow").found == 0
     assert set(real.rule("orphaned-subflow").ids("fixed")) == {silent, under_live_parent}
     states = await run_states(passes.database_url)
     assert states[beating].state_type == "RUNNING"
     assert "its parent flow run" in states[silent].message and "is Failed" in states[silent].message
-
-
-async def wait_for_heartbeat(database_url: str, run_id: uuid.UUID) -> None:
-    statement = text("SELECT count(*) FROM events WHERE resource_id = :resource")
-    for _ in range(60):
-        async with connect(database_url) as connection:
-            if (await connection.execute(statement, {"resource": f"prefect.flow-run.{run_id}"})).scalar_one():
-                return
-        await asyncio.sleep(0.5)
-    raise TimeoutError("the heartbeat event was not stored")
 
 
 async def test_unknown_state_runs_can_be_deleted_through_the_api_but_not_parents(passes, module_server):

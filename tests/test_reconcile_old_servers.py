@@ -11,17 +11,13 @@ the run ends Failed naming it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from dataclasses import dataclass
 
 import pytest
 from conftest import ServerFactory, serving, use_server
-from prefect.client.schemas.objects import State, StateType
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from test_reconcile import (
+from history import (
     RunState,
     assert_ended,
     assert_untouched,
@@ -29,7 +25,11 @@ from test_reconcile import (
     list_all_flow_runs,
     move_back,
     run_states,
+    wait_for_event,
 )
+from prefect.client.schemas.objects import State, StateType
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from flows.reconcile import reconcile_stuck_runs
 from localstack.seed import MessyHistory, seed_messy_history
@@ -58,18 +58,6 @@ async def reconcile(**parameters) -> tuple[State, ReconcileReport]:
     return state, await state.result(raise_on_failure=False)
 
 
-async def wait_for_running_event(database_url: str, run_id: uuid.UUID) -> None:
-    """The server stores events a moment after the state change that emits them."""
-    statement = text("SELECT count(*) FROM events WHERE event = :event AND resource_id = :resource")
-    values = {"event": RUNNING_EVENT, "resource": f"prefect.flow-run.{run_id}"}
-    for _ in range(60):
-        async with connect(database_url) as connection:
-            if (await connection.execute(statement, values)).scalar_one():
-                return
-        await asyncio.sleep(0.5)
-    raise TimeoutError("the Running event was not stored")
-
-
 async def poison(database_url: str, run_id: uuid.UUID) -> None:
     async with connect(database_url) as connection:
         await connection.execute(
@@ -94,7 +82,8 @@ async def passes(old_server) -> Passes:
     database_url = old_server.database_url
     with serving(old_server):
         history = await seed_messy_history(database_url, prefix="old")
-    await wait_for_running_event(database_url, history.null_state_timestamp[0])
+    (poisoned,) = history.null_state_timestamp
+    await wait_for_event(database_url, poisoned, RUNNING_EVENT)
     before = await run_states(database_url)
     with use_server(old_server.api_url, None):
         _, dry = await reconcile(dry_run=True, late_after_hours=LATE_AFTER_HOURS)
@@ -151,7 +140,7 @@ async def test_a_poison_pill_without_events_is_skipped_with_the_reason_until_the
     database_url = old_server.database_url
     with serving(old_server):
         run_id = await create_flow_run(tag, ["PENDING", "RUNNING"], tags=[tag])
-        await wait_for_running_event(database_url, run_id)
+        await wait_for_event(database_url, run_id, RUNNING_EVENT)
     async with connect(database_url) as connection:
         # What the server's event retention does once the run has been Running long enough.
         await connection.execute(

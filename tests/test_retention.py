@@ -6,8 +6,10 @@ they owned is left behind; a second run finds nothing; both engines agree. Then 
 go wrong: a run that comes back to life mid-purge, a database connection killed inside a
 batch, two purges at once, a time budget running out, bad parameters.
 
-All tests share one isolated server (whole-database counts stay meaningful); the first
-ones only read the seeded history, the story then purges it.
+The tests that count what is in the whole database (the nightly purge, the API engine's
+purge, the orphan sweep) each have a server of their own. The others share one server of
+this module: its seeded history is only ever read, and every test that deletes is scoped
+to flows of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from conftest import serving
+from history import (
+    QUICK,
+    DeadlineAfterChecks,
+    existing,
+    flow_names_of,
+    old_finished_runs,
+    owned_rows,
+    rows,
+    scalar,
+    terminate_waiting_maintenance_session,
+    waiting_maintenance_session,
+)
 from prefect import flow
 from prefect.client.schemas.objects import StateType
 from prefect.states import Scheduled
@@ -41,42 +55,12 @@ from tasks.retention.selection import build_policy, count_expired_runs, expired_
 from tasks.retention.sql_engine import ADVISORY_LOCK_KEY, RetentionAlreadyRunning
 from tasks.settings import get_settings
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-# No pacing, no events or vacuum, unless a test is about them: the tests are about what goes.
-QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
-
 
 @pytest.fixture(scope="module")
 async def history(module_server) -> MessyHistory:
+    """The module server's seeded history: read, never purged."""
     with serving(module_server):
         return await seed_messy_history(module_server.database_url, prefix="purge")
-
-
-async def rows(sql: str, **values) -> list[sa.Row]:
-    async with connect() as connection:
-        return list(await connection.execute(sa.text(sql), values))
-
-
-async def scalar(sql: str, **values):
-    return (await rows(sql, **values))[0][0]
-
-
-async def existing(run_ids) -> set[uuid.UUID]:
-    found = await rows("SELECT id FROM flow_run WHERE id = ANY(:ids)", ids=list(run_ids))
-    return {row.id for row in found}
-
-
-async def owned_rows(run_ids) -> dict[str, int]:
-    """What these runs own, per table."""
-    ids = list(run_ids)
-    counts = {}
-    for table, owner in (("task_run", "flow_run_id"), ("log", "flow_run_id"), ("artifact", "flow_run_id")):
-        counts[table] = await scalar(f"SELECT count(*) FROM {table} WHERE {owner} = ANY(:ids)", ids=ids)
-    counts["flow_run_state"] = await scalar(
-        "SELECT count(*) FROM flow_run_state WHERE flow_run_id = ANY(:ids)", ids=ids
-    )
-    return counts
 
 
 async def would_delete(engine: str, **values) -> set[uuid.UUID]:
@@ -90,74 +74,40 @@ async def would_delete(engine: str, **values) -> set[uuid.UUID]:
     return ids
 
 
-async def old_runs(count: int, flow_name: str, *, days: float = 90, logs: int = 2) -> list[uuid.UUID]:
-    """Finished runs `days` old, each with a few logs."""
-    async with prefect_client() as client:
-        flow_id = await client.create_flow_from_name(flow_name)
-        ids = []
-        for _ in range(count):
-            created = await call(
-                client,
-                "POST",
-                "/flow_runs/",
-                json={"flow_id": str(flow_id), "state": {"type": "COMPLETED", "name": "Completed"}},
-            )
-            ids.append(uuid.UUID(created["id"]))
-        now = datetime.now(UTC).isoformat()
-        await call(
-            client,
-            "POST",
-            "/logs/",
-            json=[
-                {"name": "test", "level": 20, "message": "line", "timestamp": now, "flow_run_id": str(run_id)}
-                for run_id in ids
-                for _ in range(logs)
-            ],
-        )
-    async with connect() as connection:
-        await connection.execute(
-            sa.text(
-                "UPDATE flow_run SET end_time = end_time - make_interval(days => :days), "
-                "state_timestamp = state_timestamp - make_interval(days => :days) WHERE id = ANY(:ids)"
-            ),
-            {"days": days, "ids": ids},
-        )
-        await connection.commit()
-    return ids
-
-
-def old_root(history: MessyHistory, deployment: int, index: int) -> uuid.UUID:
-    """The seeder's old run number `index` of its deployment number `deployment` (4 per deployment)."""
-    return history.old_finished[deployment * 4 + index]
-
-
-async def expected_by_default(history: MessyHistory) -> set[uuid.UUID]:
-    return set(history.old_finished) | set(history.terminal_without_end_time)
+async def old_runs(count: int, prefix: str, *, days: float = 90) -> tuple[list[uuid.UUID], list[str]]:
+    """Finished runs `days` old, each with a few logs: their ids, and the flow names to scope to."""
+    runs = await old_finished_runs(prefix, count, days=days, artifacts=False)
+    return runs.ids, runs.flow_names
 
 
 async def test_every_rule_selects_what_it_says_and_both_engines_agree(on_module_server, history):
-    everything = await expected_by_default(history)
-    keep_tagged = old_root(history, 0, 0)
-    tree = set(history.old_finished) - {old_root(history, d, i) for d in range(3) for i in range(4)}
+    everything = history.expired_by_default()
+    tree = set(history.old_tree)
+    hourly = set(history.old_finished_by_deployment["purge-etl/hourly"])
     failed_roots = set(history.old_finished_by_state["FAILED"]) - set(history.old_subflows)
     young_failed = failed_roots - await older_than(failed_roots, 100)
     assert 0 < len(young_failed) < len(failed_roots)
-    crashed = set(history.old_finished_by_state["CRASHED"]) | {history.terminal_without_end_time[1]}
+    crashed = set(
+        history.old_finished_by_state["CRASHED"] + history.terminal_without_end_time_by_state["CRASHED"]
+    )
+    # The newest two finished runs of each deployment are its recent run and its newest old run.
+    newest_old = {runs[0] for runs in history.old_finished_by_deployment.values()}
     cases = [
         ({}, everything),
-        ({"exclude_tags": ["purge-keep"]}, everything - {keep_tagged}),
+        ({"exclude_tags": ["purge-keep"]}, everything - {history.keep_tagged}),
         ({"per_state_days": {"FAILED": 100}}, everything - young_failed),
         ({"states": ["CRASHED"]}, crashed),
-        # The newest two finished runs of each deployment are its recent run and its old run number 0.
-        ({"keep_last_per_deployment": 2}, everything - {old_root(history, d, 0) for d in range(3)}),
-        ({"deployment_names": ["purge-etl/hourly"]}, {old_root(history, 1, i) for i in range(4)}),
+        ({"keep_last_per_deployment": 2}, everything - newest_old),
+        ({"deployment_names": ["purge-etl/hourly"]}, hourly),
         ({"flow_names": ["purge-adhoc"]}, tree | set(history.terminal_without_end_time)),
-        ({"tags": ["purge-team-b"]}, {old_root(history, 1, i) for i in range(4)} | tree),
+        ({"tags": ["purge-team-b"]}, hourly | tree),
         ({"older_than_days": 100}, await older_than(everything, 100)),
     ]
+    # Within the seeded flows: the module's other tests add old runs of their own.
+    seeded = {"flow_names": history.flow_names}
     for values, expected in cases:
-        assert await would_delete("sql", **values) == expected, values
-        assert await would_delete("api", **values) == expected, values
+        assert await would_delete("sql", **{**seeded, **values}) == expected, values
+        assert await would_delete("api", **{**seeded, **values}) == expected, values
 
     # What no rule ever selects: runs not finished, in unfinished trees, or in an unknown state.
     never = (
@@ -166,12 +116,12 @@ async def test_every_rule_selects_what_it_says_and_both_engines_agree(on_module_
         | {history.cancelled_parent, *history.cancelling_subflows}
         | set(history.late + history.zombie_running + history.stuck_pending + history.null_state_timestamp)
     )
-    assert not never & await would_delete("sql", older_than_days=0.05)
+    assert not never & await would_delete("sql", older_than_days=0.05, **seeded)
 
 
 async def older_than(run_ids, days: float) -> set[uuid.UUID]:
     found = await rows(
-        "SELECT id FROM flow_run WHERE id = ANY(:ids) "
+        "SELECT id FROM flow_run WHERE id IN :ids "
         "AND coalesce(end_time, state_timestamp) < now() - make_interval(days => :days)",
         ids=list(run_ids),
         days=days,
@@ -179,9 +129,10 @@ async def older_than(run_ids, days: float) -> set[uuid.UUID]:
     return {row.id for row in found}
 
 
-async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_server, history):
-    expected = await expected_by_default(history) - {old_root(history, 0, 0)}
-    seeded = seeded_flow_runs(history)
+async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_fresh_server):
+    history = await seed_messy_history(on_fresh_server.database_url, prefix="purge")
+    expected = history.expired_by_default() - {history.keep_tagged}
+    seeded = history.flow_runs()
     before = await owned_rows(seeded)
 
     dry = await retention(dry_run=True, engine="sql", exclude_tags=["purge-keep"], **QUICK)
@@ -202,11 +153,11 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_se
 
     cascaded = {
         "flow_run_state": await scalar(
-            "SELECT count(*) FROM flow_run_state WHERE flow_run_id = ANY(:ids)", ids=list(expected)
+            "SELECT count(*) FROM flow_run_state WHERE flow_run_id IN :ids", ids=list(expected)
         ),
         "task_run_state": await scalar(
             "SELECT count(*) FROM task_run_state JOIN task_run ON task_run.id = task_run_state.task_run_id "
-            "WHERE task_run.flow_run_id = ANY(:ids)",
+            "WHERE task_run.flow_run_id IN :ids",
             ids=list(expected),
         ),
     }
@@ -224,16 +175,17 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_se
     assert await owned_rows(expected) == {"task_run": 0, "log": 0, "artifact": 0, "flow_run_state": 0}
     assert await count_orphans() == dict.fromkeys(await count_orphans(), 0)
     # The running subflow under the old failed parent still has its parent: no fake top-level run.
+    (running_subflow,) = history.running_subflow_under_finished_parent
     assert await scalar(
-        "SELECT parent_task_run_id IS NOT NULL FROM flow_run WHERE id = :id",
-        id=history.running_subflow_under_finished_parent[0],
+        "SELECT parent_task_run_id IS NOT NULL FROM flow_run WHERE id = :id", id=running_subflow
     )
     # The keep-tagged run's collection now points at it: the next newest artifact of its key.
+    (key,) = [key for key, runs in history.runs_by_artifact_key.items() if history.keep_tagged in runs]
     latest = await scalar(
         "SELECT a.flow_run_id FROM artifact_collection c JOIN artifact a ON a.id = c.latest_id WHERE c.key = :key",
-        key=history.keyed_artifact_keys[0],
+        key=key,
     )
-    assert latest == old_root(history, 0, 0)
+    assert latest == history.keep_tagged
 
     async with prefect_client() as client:
         artifacts = await call(
@@ -261,24 +213,12 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_module_se
     assert again.flow_runs_deleted == 0
 
 
-def seeded_flow_runs(history: MessyHistory) -> set[uuid.UUID]:
-    task_run_fields = {"open_task_runs_in_finished_flow"}
-    seeded = set()
-    for name in history.counts():
-        if name not in task_run_fields:
-            value = getattr(history, name)
-            seeded |= set(value) if isinstance(value, list) else {value}
-    return seeded
-
-
-async def test_the_api_engine_purges_the_same_way(on_module_server):
-    history = await seed_messy_history(on_module_server.database_url, prefix="api", poison_pill=False)
-    expected = await expected_by_default(history)
-    # The previous story kept its excluded run; this one is about the new history only.
-    scope = {**QUICK, "exclude_tags": ["purge-keep"]}
-    dry = await retention(dry_run=True, engine="api", **scope)
+async def test_the_api_engine_purges_the_same_way(on_fresh_server):
+    history = await seed_messy_history(on_fresh_server.database_url, prefix="api", poison_pill=False)
+    expected = history.expired_by_default()
+    dry = await retention(dry_run=True, engine="api", **QUICK)
     assert dry.engine == "api" and dry.flow_runs_deleted == len(expected) == 17
-    report = await retention(engine="api", **scope)
+    report = await retention(engine="api", **QUICK)
     assert report.flow_runs_deleted == len(expected)
     # With the database configured, the cache rows the API cannot delete go through it.
     assert (
@@ -287,14 +227,12 @@ async def test_the_api_engine_purges_the_same_way(on_module_server):
     assert any("this run waited for it" in note for note in report.notes)
     assert not await existing(expected)
     assert await existing(history.recent_finished) == set(history.recent_finished)
-    assert (
-        await scalar("SELECT count(*) FROM artifact WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
-    )
+    assert await scalar("SELECT count(*) FROM artifact WHERE flow_run_id IN :ids", ids=list(expected)) == 0
     # The server re-pointed or removed the collections of the deleted artifacts, and deleted
     # the runs' logs in its background queue before the flow returned.
     assert await count_orphans() == dict.fromkeys(await count_orphans(), 0)
-    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected)) == 0
-    assert (await retention(engine="api", **scope)).flow_runs_deleted == 0
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=list(expected)) == 0
+    assert (await retention(engine="api", **QUICK)).flow_runs_deleted == 0
 
 
 async def insert_logs(connection, flow_run_id: uuid.UUID, count: int) -> None:
@@ -317,12 +255,12 @@ async def test_the_api_engine_deletes_no_more_while_the_servers_log_queue_is_ful
     async with connect() as connection:
         await insert_logs(connection, queued, 2)
         await connection.commit()
-    ids = await old_runs(3, "log-queue")
-    parameters = RetentionParameters(engine="api", flow_names=("log-queue",))
+    ids, flow_names = await old_runs(3, "log-queue")
+    parameters = RetentionParameters(engine="api", flow_names=tuple(flow_names))
     async with open_engine("api", Throttle(0)) as engine:
         policy = await build_policy(engine, parameters)
         [batch] = [batch.runs async for batch in expired_batches(engine, policy, 10)]
-        engine._logs_queued[queued] = None
+        engine.expect_log_deletion([queued])
         deleting = asyncio.create_task(engine.process_batch(batch, policy, dry_run=False))
         await asyncio.sleep(2)
         assert not deleting.done() and await existing(ids) == set(ids), "the batch waits for the server"
@@ -333,7 +271,7 @@ async def test_the_api_engine_deletes_no_more_while_the_servers_log_queue_is_ful
         assert {run.id for run in outcome.runs} == set(ids)
         assert await engine.wait_for_log_deletion() == 0
     assert not await existing(ids)
-    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 0
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=ids) == 0
 
 
 async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
@@ -347,10 +285,10 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
         await connection.commit()
     try:
         async with ApiEngine.open(None, Throttle(0), concurrency=2) as engine:
-            engine._logs_queued[lost] = None
+            engine.expect_log_deletion([lost])
             assert await engine.wait_for_log_deletion() == 1
     finally:
-        # The other tests of this module count orphans.
+        # Leave the module server as it was.
         async with connect() as connection:
             await connection.execute(sa.text("DELETE FROM log WHERE flow_run_id = :lost"), {"lost": lost})
             await connection.commit()
@@ -358,7 +296,7 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
     assert any("up to 1 deleted runs were still in the server's deletion queue" in note for note in notes)
 
 
-async def test_orphans_and_old_events_are_swept_in_batches(on_module_server):
+async def test_orphans_and_old_events_are_swept_in_batches(on_fresh_server):
     gone = uuid.uuid4()
     async with connect() as connection:
         await insert_logs(connection, gone, 7)
@@ -430,27 +368,27 @@ async def test_orphans_and_old_events_are_swept_in_batches(on_module_server):
 async def test_a_run_that_comes_back_to_life_between_selection_and_deletion_is_not_deleted(
     on_module_server, engine
 ):
-    flow_name = f"revived-{engine}"
-    ids = await old_runs(3, flow_name)
-    parameters = RetentionParameters(flow_names=(flow_name,), engine=engine)
+    ids, flow_names = await old_runs(3, f"revived-{engine}")
+    revived, *purged = ids
+    parameters = RetentionParameters(flow_names=tuple(flow_names), engine=engine)
     async with open_engine(engine, Throttle(0)) as chosen:
         policy = await build_policy(chosen, parameters)
         batch = [batch async for batch in expired_batches(chosen, policy, 10)][0]
         assert {run.id for run in batch.runs} == set(ids)
         # Someone retries the run from the UI after it was selected.
         async with prefect_client() as client:
-            await client.set_flow_run_state(ids[0], Scheduled(), force=True)
+            await client.set_flow_run_state(revived, Scheduled(), force=True)
         outcome = await chosen.process_batch(batch.runs, policy, dry_run=False)
-    assert {run.id for run in outcome.runs} == set(ids[1:])
+    assert {run.id for run in outcome.runs} == set(purged)
     assert outcome.left == {CHANGED: 1}
-    assert await existing(ids) == {ids[0]}
+    assert await existing(ids) == {revived}
 
 
 async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
     on_module_server, module_server, monkeypatch
 ):
-    flow_name = "killed-connection"
-    ids = await old_runs(6, flow_name)
+    ids, flow_names = await old_runs(6, "killed-connection")
+    held = ids[3]  # any run of the one batch
     # Wait for our lock instead of giving up on it: this test ends the wait itself.
     monkeypatch.setenv("MAINTENANCE_LOCK_TIMEOUT_SECONDS", "120")
     get_settings(refresh=True)
@@ -463,14 +401,15 @@ async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
             # pg_stat_activity is read once per transaction: watch from outside any.
             await watcher.execution_options(isolation_level="AUTOCOMMIT")
             await holder.execute(
-                sa.text("SELECT id FROM log WHERE flow_run_id = :id FOR UPDATE"), {"id": ids[3]}
+                sa.text("SELECT id FROM log WHERE flow_run_id = :id FOR UPDATE"), {"id": held}
             )
-            purge = asyncio.create_task(retention(engine="sql", flow_names=[flow_name], **QUICK))
-            killed = await _terminate_the_waiting_maintenance_session(watcher)
+            purge = asyncio.create_task(retention(engine="sql", flow_names=flow_names, **QUICK))
+            terminated: set[int] = set()
+            killed = await terminate_waiting_maintenance_session(watcher, terminated)
             # The retry waits on the same lock; meanwhile nothing of the batch is gone.
-            await _wait_for_a_waiting_maintenance_session(watcher)
+            await waiting_maintenance_session(watcher, terminated, what="the retry of the batch")
             assert await existing(ids) == set(ids)
-            assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 12
+            assert await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=ids) == 12
             await holder.rollback()
         report = await purge
     finally:
@@ -478,72 +417,38 @@ async def test_a_killed_connection_rolls_back_its_batch_and_the_retry_finishes(
     assert killed
     assert report.flow_runs_deleted == 6 and report.stopped_reason == "finished"
     assert not await existing(ids)
-    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 0
-
-
-async def _wait_for_a_waiting_maintenance_session(connection) -> int:
-    for _ in range(1200):
-        pid = (
-            await connection.execute(
-                sa.text(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'prefect-maintenance' "
-                    "AND wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            )
-        ).scalar()
-        if pid:
-            return pid
-        await asyncio.sleep(0.05)
-    raise AssertionError("no maintenance session ever waited for the held lock")
-
-
-async def _terminate_the_waiting_maintenance_session(connection) -> bool:
-    pid = await _wait_for_a_waiting_maintenance_session(connection)
-    return (await connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=ids) == 0
 
 
 async def test_two_purges_never_overlap(on_module_server, module_server):
-    flow_name = "overlap"
-    ids = await old_runs(2, flow_name)
+    ids, flow_names = await old_runs(2, "overlap")
     holder_engine = create_async_engine(module_server.database_url)
     try:
         async with holder_engine.connect() as holder:
             await holder.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_LOCK_KEY)))
             with pytest.raises(RetentionAlreadyRunning, match="another retention run"):
-                await retention(engine="sql", flow_names=[flow_name], **QUICK)
+                await retention(engine="sql", flow_names=flow_names, **QUICK)
             assert await existing(ids) == set(ids)
             # A dry run deletes nothing, so it does not need the lock.
             assert (
-                await retention(engine="sql", flow_names=[flow_name], dry_run=True, **QUICK)
+                await retention(engine="sql", flow_names=flow_names, dry_run=True, **QUICK)
             ).flow_runs_deleted == 2
             await holder.execute(sa.select(sa.func.pg_advisory_unlock(ADVISORY_LOCK_KEY)))
             await holder.commit()
     finally:
         await holder_engine.dispose()
-    assert (await retention(engine="sql", flow_names=[flow_name], **QUICK)).flow_runs_deleted == 2
+    assert (await retention(engine="sql", flow_names=flow_names, **QUICK)).flow_runs_deleted == 2
 
 
 async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_module_server):
-    flow_name = "time-budget"
-    ids = await old_runs(6, flow_name)
-
-    class AfterChecks:
-        """A deadline that passes after `allowed` batches."""
-
-        def __init__(self, allowed: int) -> None:
-            self.allowed = allowed
-
-        @property
-        def passed(self) -> bool:
-            self.allowed -= 1
-            return self.allowed < 0
+    ids, flow_names = await old_runs(6, "time-budget")
 
     @flow
     async def two_batches_then_time_is_up():
-        parameters = RetentionParameters(flow_names=(flow_name,), batch_size=2)
+        parameters = RetentionParameters(flow_names=tuple(flow_names), batch_size=2)
         async with open_engine("sql", Throttle(0)) as chosen:
             policy = await build_policy(chosen, parameters)
-            return await purge_expired_runs(chosen, policy, parameters, Throttle(0), AfterChecks(2))
+            return await purge_expired_runs(chosen, policy, parameters, Throttle(0), DeadlineAfterChecks(2))
 
     result = await two_batches_then_time_is_up()
     assert (result.stopped_reason, result.totals.flow_runs, result.totals.batches, result.remaining) == (
@@ -554,7 +459,7 @@ async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_mo
     )
     assert len(await existing(ids)) == 2
 
-    report = await retention(engine="sql", flow_names=[flow_name], max_minutes=1e-6, **QUICK)
+    report = await retention(engine="sql", flow_names=flow_names, max_minutes=1e-6, **QUICK)
     assert (report.stopped_reason, report.flow_runs_deleted, report.remaining) == ("max_minutes", 0, 2)
     assert "2 expired top-level runs remain" in report.to_markdown()
 
@@ -572,12 +477,11 @@ async def test_max_minutes_stops_at_a_batch_boundary_and_says_what_remains(on_mo
     ],
 )
 async def test_bad_input_fails_before_anything_is_touched(on_module_server, values, parameter):
-    flow_name = "bad-input"
-    ids = await old_runs(1, flow_name)
+    ids, flow_names = await old_runs(1, "bad-input")
     with pytest.raises(Exception, match=parameter):
-        await retention(flow_names=[flow_name], **values)
+        await retention(flow_names=flow_names, **values)
     assert await existing(ids) == set(ids)
-    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=ids) == 2
+    assert await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=ids) == 2
 
 
 async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, history):
@@ -588,8 +492,9 @@ async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, 
 
     throttle = Throttle(100, sleep=sleep)
     # A Running run with a NULL state_timestamp makes the server answer 500 for any page holding it.
+    (poisoned,) = history.null_state_timestamp
     poison = RunRecord(
-        id=history.null_state_timestamp[0],
+        id=poisoned,
         name="poison-pill",
         flow_id=uuid.uuid4(),
         deployment_id=None,
@@ -607,13 +512,17 @@ async def test_the_api_engine_backs_off_when_the_server_fails(on_module_server, 
     assert throttle.slowdowns == ATTEMPTS - 1 and throttle.current_rate < 100
 
 
-async def test_runs_running_or_created_during_a_purge_are_untouched(on_module_server, history):
+async def test_runs_running_or_created_during_a_purge_are_untouched(on_module_server):
+    history = await seed_messy_history(on_module_server.database_url, prefix="alive")
     alive = set(history.zombie_running + history.healthy_running + history.stuck_pending + history.late)
     alive |= set(history.running_subflow_under_finished_parent) | {history.old_finished_parent}
     alive |= set(history.null_state_timestamp + history.fresh_pending + history.scheduled_tomorrow)
-    _, created = await asyncio.gather(
-        retention(engine="sql", older_than_days=0.05, batch_size=1, **QUICK),
-        old_runs(5, "born-during-the-purge", days=0),
+    born = "born-during-the-purge"
+    # Every finished run of these flows older than about an hour is a candidate.
+    scope = {"flow_names": history.flow_names + flow_names_of(born), "older_than_days": 0.05}
+    _, (created, _) = await asyncio.gather(
+        retention(engine="sql", batch_size=1, **scope, **QUICK),
+        old_runs(5, born, days=0),
     )
     assert await existing(alive) == alive
     assert await existing(created) == set(created)

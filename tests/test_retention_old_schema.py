@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from conftest import database_of
+from history import DeadlineAfterChecks, database_of
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.purge import event_rules
@@ -70,9 +73,14 @@ ANALYZE events, event_resources, log;
 class PlanWatch:
     """EXPLAINs every statement sent to the database, with its own parameters, just before it runs."""
 
-    def __init__(self, database: PrefectDatabase) -> None:
+    def __init__(self) -> None:
         self.plans: list[tuple[str, str]] = []
-        sa.event.listen(database._engine.sync_engine, "before_cursor_execute", self._explain)
+
+    async def watch(self, database: PrefectDatabase) -> PlanWatch:
+        """Watch every connection of the database's pool (the events are the pool's engine's)."""
+        async with database.connect() as connection:
+            sa.event.listen(connection.sync_engine, "before_cursor_execute", self._explain)
+        return self
 
     def _explain(self, connection, cursor, statement, parameters, context, executemany) -> None:
         if not re.search(r"\b(events|event_resources|log)\b", statement):
@@ -85,39 +93,50 @@ class PlanWatch:
         return [f"{statement}\n{plan}" for statement, plan in self.plans if SEQUENTIAL_SCAN.search(plan)]
 
 
+class RolledBackDatabase(PrefectDatabase):
+    """Prefect's database whose every transaction is rolled back at its end: the engine's
+    batches run as they do, and leave the database as it was."""
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        async with self.connect() as connection:
+            yield connection
+            await connection.rollback()
+
+
 async def timed_batch(url: str, now: datetime) -> tuple[dict[str, float], str]:
-    """Milliseconds of one batch (resources, then events) deleted by `event_id` and by a new
-    engine's way, each rolled back; and the plan of the delete by `event_id`."""
-    database = PrefectDatabase(url)
-    housekeeping = SqlHousekeeping(database)
+    """Milliseconds of one batch (selected, then its resources and events deleted) by `event_id`
+    and the way a new engine deletes it, each rolled back; and the plan of the delete by `event_id`."""
+    database = RolledBackDatabase(url)
     rule = next(rule for rule in event_rules(RetentionParameters(), now) if rule.event is None)
     timings = {}
     try:
         async with database.connect() as connection:
-            for way in ("by event_id", "the engine's way"):
-                batch = (await connection.execute(housekeeping._next_events(rule, None))).all()
-                assert len(batch) == HOUSEKEEPING_BATCH_ROWS
-                event_ids = [event.id for event in batch]
-                by_event_id = sa.delete(EVENT_RESOURCES).where(
-                    database.among(EVENT_RESOURCES.c.event_id, event_ids)
-                )
-                if way == "by event_id":
-                    compiled = by_event_id.compile(dialect=connection.dialect)
-                    explained = await connection.exec_driver_sql(
-                        f"EXPLAIN {compiled}", tuple(compiled.params[name] for name in compiled.positiontup)
-                    )
-                    plan = "\n".join(row[0] for row in explained)
-                started = time.perf_counter()
-                if way == "by event_id":
-                    deleted = (await connection.execute(by_event_id)).rowcount
-                    await connection.execute(sa.delete(EVENTS).where(database.among(EVENTS.c.id, event_ids)))
-                else:
-                    deleted = (await housekeeping._remove_events(connection, batch, dry_run=False))[
-                        "event_resources"
-                    ]
-                timings[way] = round((time.perf_counter() - started) * 1000, 1)
-                assert deleted == 3 * HOUSEKEEPING_BATCH_ROWS
-                await connection.rollback()
+            started = time.perf_counter()
+            oldest = sa.select(EVENTS.c.id).where(rule.condition()).order_by(EVENTS.c.occurred, EVENTS.c.id)
+            event_ids = list((await connection.execute(oldest.limit(HOUSEKEEPING_BATCH_ROWS))).scalars())
+            assert len(event_ids) == HOUSEKEEPING_BATCH_ROWS
+            by_event_id = sa.delete(EVENT_RESOURCES).where(
+                database.among(EVENT_RESOURCES.c.event_id, event_ids)
+            )
+            deleted = (await connection.execute(by_event_id)).rowcount
+            await connection.execute(sa.delete(EVENTS).where(database.among(EVENTS.c.id, event_ids)))
+            timings["by event_id"] = round((time.perf_counter() - started) * 1000, 1)
+            assert deleted == 3 * HOUSEKEEPING_BATCH_ROWS
+            await connection.rollback()
+            compiled = by_event_id.compile(dialect=connection.dialect)
+            explained = await connection.exec_driver_sql(
+                f"EXPLAIN {compiled}", tuple(compiled.params[name] for name in compiled.positiontup)
+            )
+            plan = "\n".join(row[0] for row in explained)
+            await connection.rollback()
+        started = time.perf_counter()
+        # One batch, then the deadline has passed.
+        found = await SqlHousekeeping(database).delete_old_events(
+            [rule], DeadlineAfterChecks(1), dry_run=False
+        )
+        timings["the engine's way"] = round((time.perf_counter() - started) * 1000, 1)
+        assert found == {"events": HOUSEKEEPING_BATCH_ROWS, "event_resources": 3 * HOUSEKEEPING_BATCH_ROWS}
     finally:
         await database.dispose()
     return timings, plan
@@ -129,11 +148,12 @@ async def test_event_and_orphan_batches_use_indexes_a_3_4_schema_has(stack, fres
     stack.postgres.psql(SEED_SQL, database=database)
     now = datetime.now(UTC)
     rules = event_rules(RetentionParameters(), now)
+    heartbeats, other_events = rules
     expected_events = sum(
         int(stack.postgres.psql(f"SELECT count(*) FROM events WHERE {condition}", database=database))
         for condition in (
-            f"event = 'prefect.flow-run.heartbeat' AND occurred < '{rules[0].older_than.isoformat()}'",
-            f"event <> 'prefect.flow-run.heartbeat' AND occurred < '{rules[1].older_than.isoformat()}'",
+            f"event = 'prefect.flow-run.heartbeat' AND occurred < '{heartbeats.older_than.isoformat()}'",
+            f"event <> 'prefect.flow-run.heartbeat' AND occurred < '{other_events.older_than.isoformat()}'",
         )
     )
     index_of_3_8 = "ix_event_resources__event_id ON event_resources (event_id)"
@@ -147,7 +167,7 @@ async def test_event_and_orphan_batches_use_indexes_a_3_4_schema_has(stack, fres
     prefect_database = PrefectDatabase(server.database_url)
     housekeeping = SqlHousekeeping(prefect_database)
     try:
-        watch = PlanWatch(prefect_database)
+        watch = await PlanWatch().watch(prefect_database)
         dry = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=True)
         deleted = await housekeeping.delete_old_events(rules, Deadline(None), dry_run=False)
         orphans = await housekeeping.sweep_orphans(Deadline(None), dry_run=False)

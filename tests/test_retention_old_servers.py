@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import sqlalchemy as sa
 from conftest import serving, use_server
+from history import QUICK, PlannedRun, create_history, existing, scalar, session_waiting_for_a_lock, wait_for
 from prefect.client.schemas.objects import StateType
 from prefect.states import Running
-from reliability.history import PlannedRun, create_history
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_retention import QUICK, existing, expected_by_default, scalar
 
 from flows.retention import retention
 from localstack.orphans import count_orphans
@@ -26,22 +24,6 @@ from localstack.seed import seed_messy_history
 from tasks.prefect_api import prefect_client
 from tasks.retention import api_engine
 from tasks.retention.policy import CHANGED
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-
-async def _wait_for_a_session_waiting_for_a_lock(watcher) -> None:
-    for _ in range(1200):
-        waiting = await watcher.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        )
-        if waiting.scalar():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the server never waited for the held lock")
 
 
 async def test_without_bulk_delete_a_run_that_leaves_its_terminal_state_before_its_delete_stays(
@@ -67,7 +49,11 @@ async def test_without_bulk_delete_a_run_that_leaves_its_terminal_state_before_i
                 purge = asyncio.create_task(
                     retention(engine="api", flow_names=history.flow_names[:1], **QUICK)
                 )
-                await _wait_for_a_session_waiting_for_a_lock(watcher)
+                await wait_for(
+                    lambda: session_waiting_for_a_lock(watcher),
+                    what="the server waiting for the held lock",
+                    attempts=1200,
+                )
                 # Meanwhile someone retries the other run from the UI.
                 async with prefect_client() as client:
                     await client.set_flow_run_state(retried, Running(), force=True)
@@ -85,8 +71,8 @@ async def test_on_prefect_3_1_the_api_engine_says_which_logs_stay_and_waits_for_
     server = fresh_server(version="3.1.15")
     with serving(server):
         history = await seed_messy_history(server.database_url, prefix="old", poison_pill=False)
-        expected = await expected_by_default(history)
-        logs_of_expected = "SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)"
+        expected = history.expired_by_default()
+        logs_of_expected = "SELECT count(*) FROM log WHERE flow_run_id IN :ids"
         logs = await scalar(logs_of_expected, ids=list(expected))
         assert logs > 0
         with use_server(server.api_url, None):  # the API alone, as on Prefect Cloud
@@ -128,8 +114,8 @@ async def test_with_the_database_the_api_engine_leaves_nothing_the_runs_owned(fr
     server = fresh_server(version="3.1.15")
     with serving(server):
         history = await seed_messy_history(server.database_url, prefix="owned", poison_pill=False)
-        expected = await expected_by_default(history)
-        logs = await scalar("SELECT count(*) FROM log WHERE flow_run_id = ANY(:ids)", ids=list(expected))
+        expected = history.expired_by_default()
+        logs = await scalar("SELECT count(*) FROM log WHERE flow_run_id IN :ids", ids=list(expected))
         dry = await retention(dry_run=True, engine="api", **QUICK)
         report = await retention(engine="api", **QUICK)
         assert dry.flow_runs_deleted == report.flow_runs_deleted == len(expected)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import serving
+from history import scalar
 from sqlalchemy import bindparam, text
 
 from localstack.seed import TERMINAL_STATES, MessyHistory, seed_messy_history
@@ -50,14 +51,6 @@ async def parent_of(run_id) -> str | None:
                 {"id": str(run_id)},
             )
         ).scalar_one_or_none()
-
-
-async def scalar(sql: str, **params):
-    async with connect() as connection:
-        statement = text(sql)
-        if "ids" in params:
-            statement = statement.bindparams(bindparam("ids", expanding=True))
-        return (await connection.execute(statement, params)).scalar_one()
 
 
 async def test_old_finished_runs_own_task_runs_logs_artifacts_and_cache(history, on_module_server):
@@ -128,7 +121,8 @@ async def test_cancelled_parent_with_subflows_stuck_cancelling(history, on_modul
         assert run["state"]["type"] == "CANCELLING"
         assert datetime.fromisoformat(run["state"]["timestamp"]) < datetime.now(UTC) - timedelta(hours=2)
         assert await parent_of(run_id) == str(history.cancelled_parent)
-    fresh = await read_run(history.fresh_cancelling[0])
+    (fresh_cancelling,) = history.fresh_cancelling
+    fresh = await read_run(fresh_cancelling)
     assert fresh["state"]["type"] == "CANCELLING"
     assert datetime.fromisoformat(fresh["state"]["timestamp"]) > datetime.now(UTC) - timedelta(minutes=30)
 
@@ -139,7 +133,8 @@ async def test_pending_runs_stuck_and_fresh(history, on_module_server):
         state = (await read_run(run_id))["state"]
         assert state["type"] == "PENDING"
         assert datetime.fromisoformat(state["timestamp"]) < now - timedelta(hours=4)
-    state = (await read_run(history.fresh_pending[0]))["state"]
+    (fresh_pending,) = history.fresh_pending
+    state = (await read_run(fresh_pending))["state"]
     assert state["type"] == "PENDING" and datetime.fromisoformat(state["timestamp"]) > now - timedelta(
         minutes=30
     )
@@ -157,10 +152,10 @@ async def test_running_runs_zombie_healthy_and_without_heartbeat(history, on_mod
     for run_id in history.zombie_running:
         assert (await read_run(run_id))["state"]["type"] == "RUNNING"
         assert await _latest_heartbeat(run_id) < now - timedelta(hours=2)
-    healthy = history.healthy_running[0]
+    (healthy,) = history.healthy_running
     assert (await read_run(healthy))["state"]["type"] == "RUNNING"
     assert await _latest_heartbeat(healthy) > now - timedelta(minutes=10)
-    silent = history.running_without_heartbeat[0]
+    (silent,) = history.running_without_heartbeat
     assert (await read_run(silent))["state"]["type"] == "RUNNING"
     assert await _latest_heartbeat(silent) is None
 
@@ -171,7 +166,8 @@ async def test_late_runs_and_tomorrow(history, on_module_server):
         run = await read_run(run_id)
         assert run["state"]["type"] == "SCHEDULED" and run["state"]["name"] == "Late"
         assert datetime.fromisoformat(run["expected_start_time"]) < now - timedelta(days=2)
-    tomorrow = await read_run(history.scheduled_tomorrow[0])
+    (scheduled_tomorrow,) = history.scheduled_tomorrow
+    tomorrow = await read_run(scheduled_tomorrow)
     assert datetime.fromisoformat(tomorrow["expected_start_time"]) > now + timedelta(hours=12)
 
 

@@ -17,18 +17,15 @@ from pathlib import Path
 
 import pytest
 from conftest import serving
-from sqlalchemy import text
+from history import QUICK, RunState, run_states
 from workers import start_worker, stop_worker, wait_for_task_runs, wait_until_final
 
 from cli import build_parser
 from localstack.orphans import count_orphans
 from localstack.prefect_versions import SUPPORTED_VERSIONS, run_with_client, venv_python
-from tasks.database import connect
 from tasks.prefect_api import DELETES_LOGS_OF_DELETED_RUNS, prefect_client, version_tuple
 
 LATE_AFTER_HOURS = 48
-# Retention without pacing, events or vacuum: the matrix is about what goes.
-QUICK_RETENTION = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -107,21 +104,9 @@ def versioned(request, module_server_factory, tmp_path_factory) -> VersionedServ
     return VersionedServer(version, server, tmp_path_factory.mktemp(f"prefect-{version}"))
 
 
-async def states_of(database_url: str, run_ids) -> dict[str, tuple[str | None, str | None, bool]]:
-    """Run id -> (state type, state name, has a state timestamp), flow runs and task runs."""
-    ids = [str(run_id) for run_id in run_ids]
-    found = {}
-    async with connect(database_url) as connection:
-        for table in ("flow_run", "task_run"):
-            rows = await connection.execute(
-                text(
-                    f"SELECT CAST(id AS text), CAST(state_type AS text), state_name, "
-                    f"state_timestamp IS NOT NULL FROM {table} WHERE CAST(id AS text) = ANY(:ids)"
-                ),
-                {"ids": ids},
-            )
-            found |= {row[0]: tuple(row[1:]) for row in rows}
-    return found
+async def states_of(database_url: str) -> dict[str, RunState]:
+    """Every flow run and task run with its state, by id as the seeded history's JSON writes it."""
+    return {str(run_id): state for run_id, state in (await run_states(database_url)).items()}
 
 
 @dataclass
@@ -138,13 +123,12 @@ class Reconciled:
 @pytest.fixture(scope="module")
 async def reconciled(versioned: VersionedServer) -> Reconciled:
     history = versioned.seed("stuck")
-    every_run = [run_id for ids in history.values() if isinstance(ids, list) for run_id in ids]
     parameters = {"late_after_hours": LATE_AFTER_HOURS}
-    before = await states_of(versioned.database_url, every_run)
+    before = await states_of(versioned.database_url)
     sql_dry = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=True)
     api_dry = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=False)
     api_real = versioned.run_flow("reconcile", parameters, database=False)
-    after = await states_of(versioned.database_url, every_run)
+    after = await states_of(versioned.database_url)
     sql_second = versioned.run_flow("reconcile", {**parameters, "dry_run": True}, database=True)
     return Reconciled(history, before, sql_dry, api_dry, api_real, after, sql_second)
 
@@ -182,7 +166,11 @@ async def test_reconcile_through_the_api_alone_ends_every_stuck_run(reconciled: 
         run_ids = reconciled.history[category]
         assert run_ids, category
         for run_id in run_ids:
-            assert reconciled.after[run_id][0] == state_type, (category, run_id, reconciled.after[run_id])
+            assert reconciled.after[run_id].state_type == state_type, (
+                category,
+                run_id,
+                reconciled.after[run_id],
+            )
         assert set(run_ids) <= ids(rule(reconciled.api_real, rule_name), "fixed"), category
     for category in LEFT_ALONE:
         for run_id in reconciled.history[category]:
@@ -191,8 +179,12 @@ async def test_reconcile_through_the_api_alone_ends_every_stuck_run(reconciled: 
 
 async def test_reconcile_repairs_the_poison_pill_through_the_api_alone(reconciled: Reconciled):
     (poisoned,) = reconciled.history["null_state_timestamp"]
-    assert reconciled.before[poisoned] == ("RUNNING", "Running", False)
-    assert reconciled.after[poisoned] == ("RUNNING", "Running", True)
+    before, after = reconciled.before[poisoned], reconciled.after[poisoned]
+    assert (before.state_type, before.state_name, before.state_timestamp) == ("RUNNING", "Running", None)
+    assert (after.state_type, after.state_name) == (
+        "RUNNING",
+        "Running",
+    ) and after.state_timestamp is not None
     assert poisoned in ids(rule(reconciled.api_real, "poison-pill"), "fixed")
 
 
@@ -221,15 +213,14 @@ class Retained:
 
 async def _retain(versioned: VersionedServer, prefix: str, engine: str) -> Retained:
     history = versioned.seed(prefix)
-    parameters = {**QUICK_RETENTION, "engine": engine, "flow_names": history["flow_names"]}
+    parameters = {**QUICK, "engine": engine, "flow_names": history["flow_names"]}
     database = engine == "sql"
     if database:
         # With the database, retention also sweeps what the API engine could not delete.
         parameters["include_orphans"] = True
     dry = versioned.run_flow("retention", {**parameters, "dry_run": True}, database=database)
     real = versioned.run_flow("retention", parameters, database=database)
-    watched = history["old_finished"] + history["old_subflows"] + history["recent_finished"]
-    left = await states_of(versioned.database_url, watched)
+    left = await states_of(versioned.database_url)
     return Retained(history, dry, real, left, await count_orphans(versioned.database_url))
 
 

@@ -8,16 +8,13 @@ names and tags that look like SQL are only ever data.
 from __future__ import annotations
 
 import pytest
-from history import PlannedRun, create_history, existing, owned_rows, scalar
+from history import QUICK, PlannedRun, create_history, existing, owned_rows, scalar
 
 from flows.reconcile import reconcile_stuck_runs
 from flows.retention import retention
 from tasks.prefect_api import call, prefect_client
 from tasks.settings import DatabaseUrlError, get_settings
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
 HOSTILE_FLOW = "hostile'); DELETE FROM flow_run; --"
 HOSTILE_DEPLOYMENT = "x'; DROP TABLE log;--"
 HOSTILE_TAG = "x'; DROP TABLE log;--"
@@ -123,10 +120,11 @@ async def test_invalid_retention_parameters_change_nothing(stack, values, parame
 )
 async def test_invalid_reconcile_parameters_change_nothing(stack, values, parameter):
     history = await create_history("bad-reconcile", [PlannedRun("PENDING", 1)])
-    state_before = await scalar("SELECT state_id FROM flow_run WHERE id = :id", id=history.ids[0])
+    (pending,) = history.ids
+    state_before = await scalar("SELECT state_id FROM flow_run WHERE id = :id", id=pending)
     with pytest.raises(Exception, match=parameter):
         await reconcile_stuck_runs(pending_after_minutes=1, **values)
-    assert await scalar("SELECT state_id FROM flow_run WHERE id = :id", id=history.ids[0]) == state_before
+    assert await scalar("SELECT state_id FROM flow_run WHERE id = :id", id=pending) == state_before
 
 
 @pytest.mark.parametrize(

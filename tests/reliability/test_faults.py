@@ -17,6 +17,7 @@ from time import perf_counter
 import pytest
 import sqlalchemy as sa
 from history import (
+    QUICK,
     PlannedRun,
     create_history,
     dangling_collections,
@@ -25,24 +26,21 @@ from history import (
     owned_rows,
     rows,
     session_waiting_for_a_lock,
+    terminate_waiting_maintenance_session,
     wait_for,
+    waiting_maintenance_session,
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from flows.reconcile import reconcile_stuck_runs
 from flows.retention import RetentionFailed, retention
 from localstack.orphans import count_orphans
-from tasks.database import APPLICATION_NAME
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.retention.policy import GONE_OR_BUSY
 from tasks.retention.report import REPORT_KEY
 from tasks.retention.sql_engine import ADVISORY_LOCK_KEY, RetentionAlreadyRunning
 from tasks.settings import get_settings
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-# No pacing, events or vacuum unless a test is about them: these tests are about what goes.
-QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
 # Bounds of the user traffic sent during a purge: it stops by itself.
 LOAD_WORKERS = 3
 LOAD_MAX_RUNS = 600
@@ -67,46 +65,29 @@ def lock_timeout(monkeypatch, seconds: float) -> None:
     get_settings(refresh=True)
 
 
-async def terminate_waiting_maintenance_session(watcher, terminated: set[int]) -> None:
-    """Terminate the maintenance session waiting on the held lock (not one already terminated)."""
-
-    async def waiting():
-        return await session_waiting_for_a_lock(
-            watcher, application_name=APPLICATION_NAME, exclude=terminated
-        )
-
-    pid = await wait_for(waiting, what="a maintenance session waiting for the held lock")
-    assert (await watcher.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
-    terminated.add(pid)
-
-
 async def test_a_batch_whose_session_is_terminated_mid_way_rolls_back_and_the_retry_finishes(
     on_module_server, database, monkeypatch
 ):
     holder, watcher = database
     history = await old_finished_runs("terminated", 6)
     ids = history.ids
-    before = await owned_rows(ids[4:])
-    # Batches of two, oldest first: the last batch is the last two runs. Its transaction
-    # deletes their logs, then waits on this lock before deleting their artifacts.
+    first, second, last = history.in_batches(2)
+    before = await owned_rows(last)
+    # The last batch's transaction deletes its runs' logs, then waits on this lock (on the
+    # artifact of its newest run) before deleting their artifacts.
     lock_timeout(monkeypatch, 120)
     await holder.execute(
-        sa.text("SELECT id FROM artifact WHERE flow_run_id = :id FOR UPDATE"), {"id": ids[5]}
+        sa.text("SELECT id FROM artifact WHERE flow_run_id = :id FOR UPDATE"), {"id": last[-1]}
     )
     purge = asyncio.create_task(retention(engine="sql", flow_names=history.flow_names, batch_size=2, **QUICK))
     terminated: set[int] = set()
     for attempt in (1, 2):
-        await terminate_waiting_maintenance_session(watcher, terminated)
+        assert await terminate_waiting_maintenance_session(watcher, terminated)
         # The next attempt waits on the same lock: what the terminated one did is undone.
-        await wait_for(
-            lambda: session_waiting_for_a_lock(
-                watcher, application_name=APPLICATION_NAME, exclude=terminated
-            ),
-            what=f"retry {attempt} of the batch",
-        )
-        assert await existing(ids) == set(ids[4:]), "the first two batches committed, the third is whole"
-        assert await owned_rows(ids[4:]) == before, "the terminated batch was rolled back whole"
-        assert await owned_rows(ids[:4]) == dict.fromkeys(before, 0)
+        await waiting_maintenance_session(watcher, terminated, what=f"retry {attempt} of the batch")
+        assert await existing(ids) == set(last), "the first two batches committed, the third is whole"
+        assert await owned_rows(last) == before, "the terminated batch was rolled back whole"
+        assert await owned_rows(first + second) == dict.fromkeys(before, 0)
     await holder.rollback()
     report = await purge
     assert (report.flow_runs_deleted, report.stopped_reason) == (6, "finished")
@@ -121,24 +102,25 @@ async def test_a_batch_that_fails_every_retry_stops_the_flow_cleanly_and_the_nex
     holder, watcher = database
     history = await old_finished_runs("terminated-thrice", 4)
     ids = history.ids
-    before = await owned_rows(ids[2:])
+    first, last = history.in_batches(2)
+    before = await owned_rows(last)
     lock_timeout(monkeypatch, 120)
     await holder.execute(
-        sa.text("SELECT id FROM artifact WHERE flow_run_id = :id FOR UPDATE"), {"id": ids[3]}
+        sa.text("SELECT id FROM artifact WHERE flow_run_id = :id FOR UPDATE"), {"id": last[-1]}
     )
     purge = asyncio.create_task(
         retention(engine="sql", flow_names=history.flow_names, batch_size=2, **QUICK, return_state=True)
     )
     terminated: set[int] = set()
     for _ in range(3):  # the first attempt and both retries
-        await terminate_waiting_maintenance_session(watcher, terminated)
+        assert await terminate_waiting_maintenance_session(watcher, terminated)
     state = await purge
     await holder.rollback()
     assert state.is_failed()
     with pytest.raises(RetentionFailed, match="retention stopped after 2 flow runs") as failure:
         await state.result()
     assert module_server.database_url not in str(failure.value)
-    assert await existing(ids) == set(ids[2:]) and await owned_rows(ids[2:]) == before
+    assert await existing(ids) == set(last) and await owned_rows(last) == before
     # The report of the failed run is not lost: it says what was done and why it stopped.
     async with prefect_client() as client:
         artifacts = await call(
@@ -168,27 +150,34 @@ async def test_rows_locked_by_another_transaction_are_passed_by_and_reported(
     history = await create_history(
         "locked",
         [
-            PlannedRun("COMPLETED", 90),  # 0: its row is locked
-            PlannedRun("FAILED", 90),  # 1: a tree whose subflow's row is locked
-            PlannedRun("COMPLETED", 90, parent=1),  # 2
-            PlannedRun("COMPLETED", 90),  # 3: one of its log rows is locked: lock_timeout
-            PlannedRun("COMPLETED", 90),  # 4: free
+            PlannedRun("COMPLETED", 90, name="locked row"),
+            PlannedRun("FAILED", 90, name="tree"),
+            PlannedRun("COMPLETED", 90, parent=1, name="locked subflow"),
+            # One of its log rows is locked: lock_timeout.
+            PlannedRun("COMPLETED", 90, name="locked log"),
+            PlannedRun("COMPLETED", 90, name="free"),
         ],
     )
-    ids = history.ids
+    ids, run = history.ids, history.named
     await holder.execute(
-        sa.text("SELECT id FROM flow_run WHERE id = ANY(:ids) FOR UPDATE"), {"ids": [ids[0], ids[2]]}
+        sa.text("SELECT id FROM flow_run WHERE id = ANY(:ids) FOR UPDATE"),
+        {"ids": [run["locked row"], run["locked subflow"]]},
     )
     await holder.execute(
-        sa.text("SELECT id FROM log WHERE flow_run_id = :id LIMIT 1 FOR UPDATE"), {"id": ids[3]}
+        sa.text("SELECT id FROM log WHERE flow_run_id = :id LIMIT 1 FOR UPDATE"), {"id": run["locked log"]}
     )
     report = await retention(engine="sql", flow_names=history.flow_names, batch_size=1, **QUICK)
     assert report.flow_runs_deleted == 1 and report.stopped_reason == "finished"
     assert report.left == {GONE_OR_BUSY: 2, "locked: lock_timeout reached": 1}
     markdown = report.to_markdown()
     assert GONE_OR_BUSY in markdown and "lock_timeout" in markdown
-    assert await existing(ids) == set(ids[:4])
-    assert await owned_rows(ids[3:4]) == {"flow_run_state": 1, "task_run": 0, "log": 2, "artifact": 0}
+    assert await existing(ids) == set(ids) - {run["free"]}
+    assert await owned_rows([run["locked log"]]) == {
+        "flow_run_state": 1,
+        "task_run": 0,
+        "log": 2,
+        "artifact": 0,
+    }
     await holder.rollback()
 
     again = await retention(engine="sql", flow_names=history.flow_names, batch_size=1, **QUICK)
@@ -290,7 +279,7 @@ async def test_runs_created_and_finishing_under_load_during_a_purge_are_never_de
     assert await existing(created) == set(created), "no run of the traffic was deleted"
     assert await existing(history.ids) == set(revived), "every old run went, except those retried in time"
     states = await rows(
-        "SELECT DISTINCT CAST(state_type AS text) FROM flow_run WHERE id = ANY(:ids)", ids=revived
+        "SELECT DISTINCT CAST(state_type AS text) FROM flow_run WHERE id IN :ids", ids=revived
     )
     assert [row[0] for row in states] == ["RUNNING"]
     assert report.flow_runs_deleted >= len(history.ids) - len(revived)
@@ -363,16 +352,16 @@ async def test_a_server_restart_during_a_reconcile_pass_is_finished_by_the_next_
     holder, watcher = database
     history = await create_history("restart-reconcile", [PlannedRun("PENDING", 0.1) for _ in range(40)])
     scope = {"flow_names": history.flow_names}
-    await holder.execute(
-        sa.text("SELECT id FROM flow_run WHERE id = :id FOR UPDATE"), {"id": history.ids[20]}
-    )
+    # The pass waits on this run half-way through.
+    midway = history.ids[len(history.ids) // 2]
+    await holder.execute(sa.text("SELECT id FROM flow_run WHERE id = :id FOR UPDATE"), {"id": midway})
     first = asyncio.create_task(outcome_of(reconcile_stuck_runs(**scope, return_state=True)))
     await restart_while_the_server_waits_on(module_server, holder, watcher)
     await first
 
     await reconcile_stuck_runs(**scope)
     states = await rows(
-        "SELECT CAST(state_type AS text) AS type, count(*) FROM flow_run WHERE id = ANY(:ids) GROUP BY 1",
+        "SELECT CAST(state_type AS text) AS type, count(*) FROM flow_run WHERE id IN :ids GROUP BY 1",
         ids=history.ids,
     )
     assert {row.type: row.count for row in states} == {"CRASHED": 40}

@@ -11,11 +11,12 @@ does nothing, and every reconciled run ends in a state its rule allows.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
-import pytest
 from history import (
     NON_TERMINAL,
+    QUICK,
     TERMINAL,
     PlannedRun,
     create_history,
@@ -31,9 +32,6 @@ from hypothesis import strategies as st
 from flows.reconcile import reconcile_stuck_runs
 from flows.retention import retention
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not refer to an OperatorClass:DeprecationWarning")
-
-QUICK = {"max_runs_per_second": 0, "events_older_than_days": None, "vacuum": False}
 TAGS = ("keep", "team-a", "team-b")
 # Ages and thresholds apart from each other: no run sits on a boundary.
 AGES_DAYS = (0.2, 3, 20, 60, 200)
@@ -102,7 +100,7 @@ policies = st.fixed_dictionaries(
 async def test_retention_then_reconcile_keep_every_invariant(stack, plans, policy, unknown_state_action):
     prefix = f"forest-{uuid.uuid4().hex[:8]}"
     plans = [
-        PlannedRun(**{**plan.__dict__, "artifact_key": plan.artifact_key and f"{prefix}-{plan.artifact_key}"})
+        dataclasses.replace(plan, artifact_key=plan.artifact_key and f"{prefix}-{plan.artifact_key}")
         for plan in plans
     ]
     history = await create_history(prefix, plans)
@@ -151,7 +149,7 @@ async def test_retention_then_reconcile_keep_every_invariant(stack, plans, polic
 async def current_states(run_ids) -> dict[uuid.UUID, tuple[str | None, uuid.UUID | None]]:
     found = await rows(
         "SELECT id, CASE WHEN state_id IS NULL THEN NULL ELSE CAST(state_type AS text) END AS type, state_id "
-        "FROM flow_run WHERE id = ANY(:ids)",
+        "FROM flow_run WHERE id IN :ids",
         ids=list(run_ids),
     )
     return {row.id: (row.type, row.state_id) for row in found}

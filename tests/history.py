@@ -253,9 +253,11 @@ def database_of(server: PrefectServer) -> str:
 
 
 def _bound(value):
-    """UUIDs as text, which both backends compare with their id columns."""
+    """UUIDs as text, which both backends compare with their id columns. An empty list binds
+    as NULL, which nothing equals: SQLAlchemy types an empty `IN` INTEGER, and PostgreSQL
+    compares no uuid with that."""
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_bound(item) for item in value]
+        return [_bound(item) for item in value] or [None]
     return str(value) if isinstance(value, uuid.UUID) else value
 
 

@@ -33,7 +33,6 @@ for _name in (
     os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
-from history import database_of  # noqa: E402, F401 (the health report's tests import it from here)
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 
 from localstack.client import pointed_at  # noqa: E402

@@ -438,3 +438,8 @@ def assert_untouched(passes, run_ids) -> None:
     assert run_ids, "the seeded history has runs of this kind"
     for run_id in run_ids:
         assert passes.after_real[run_id].state_id == passes.before[run_id].state_id, f"{run_id} was changed"
+
+
+def flags_of(report, check: str) -> dict[str, object]:
+    """A health report's flags of one check, by the object they name."""
+    return {flag.object: flag for flag in report.flags if flag.check == check}

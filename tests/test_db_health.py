@@ -12,7 +12,8 @@ import json
 import math
 
 import pytest
-from conftest import database_of, use_server
+from conftest import use_server
+from history import database_of, flags_of
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import text
 
@@ -79,10 +80,6 @@ async def run_flow(**parameters):
 
 def table_named(report: HealthReport, name: str):
     return next(table for table in report.tables if table.name == name)
-
-
-def flags_of(report: HealthReport, check: str) -> dict[str, object]:
-    return {flag.object: flag for flag in report.flags if flag.check == check}
 
 
 async def artifacts_of(flow_run_id: str) -> dict[str, dict]:

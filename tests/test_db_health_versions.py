@@ -8,8 +8,8 @@ and the statements it advises must build exactly the indexes the newest Prefect 
 
 from __future__ import annotations
 
-from conftest import database_of, serving
-from test_db_health import flags_of
+from conftest import serving
+from history import database_of, flags_of
 
 from flows.db_health import db_health_report
 from tasks.health.checks.prefect_indexes import LATER_PREFECT_INDEXES

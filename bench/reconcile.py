@@ -39,7 +39,7 @@ from bench.harness import (
 )
 from bench.population import DATABASE, add_population_options, ensure_population
 from flows.reconcile import reconcile_stuck_runs
-from localstack.seed import MessyHistory, _apply_clock_shifts, _break_runs
+from localstack.seed import MessyHistory, apply_clock_shifts, break_runs
 from tasks.database import connect
 from tasks.prefect_api import BULK_LIMIT, call, prefect_client
 from tasks.reconcile.rules import TERMINAL_STATES
@@ -101,11 +101,11 @@ async def create_stuck_runs(database_url: str, count: int) -> dict[str, list[uui
             by_kind[kind.rule] = ids
     for kind in STUCK_KINDS:
         ids = by_kind[kind.rule]
-        await _apply_clock_shifts(database_url, [(run_id, kind.hours_ago * HOUR) for run_id in ids])
+        await apply_clock_shifts(database_url, [(run_id, kind.hours_ago * HOUR) for run_id in ids])
         if kind.heartbeat_hours_ago is not None:
             await _insert_heartbeats(database_url, ids, kind.heartbeat_hours_ago)
         if kind.state_row_deleted:
-            await _break_runs(database_url, MessyHistory(prefix=STUCK_FLOW, unknown_state=ids))
+            await break_runs(database_url, MessyHistory(prefix=STUCK_FLOW, unknown_state=ids))
     return by_kind
 
 

@@ -294,7 +294,7 @@ def _shifted(dialect: str, column: str) -> str:
     return f"{column} - make_interval(secs => :seconds)"
 
 
-async def _apply_clock_shifts(database_url: str, shifts: list[tuple[uuid.UUID, float]]) -> None:
+async def apply_clock_shifts(database_url: str, shifts: list[tuple[uuid.UUID, float]]) -> None:
     dialect = dialect_of(database_url)
     by_seconds: dict[float, list[str]] = {}
     for run_id, seconds in shifts:
@@ -310,7 +310,7 @@ async def _apply_clock_shifts(database_url: str, shifts: list[tuple[uuid.UUID, f
         await connection.commit()
 
 
-async def _break_runs(database_url: str, history: MessyHistory) -> None:
+async def break_runs(database_url: str, history: MessyHistory) -> None:
     """What only a crash or a manual purge leaves behind."""
     async with connect(database_url) as connection:
         if history.unknown_state:
@@ -520,8 +520,8 @@ async def seed_messy_history(
         seeder.age([holder], 2 * HOUR)
         history.recent_finished.append(holder)
 
-    await _apply_clock_shifts(database_url, seeder.shifts)
-    await _break_runs(database_url, history)
+    await apply_clock_shifts(database_url, seeder.shifts)
+    await break_runs(database_url, history)
     await _wait_for_events(database_url, history.zombie_running + history.healthy_running)
     return history
 

@@ -120,9 +120,14 @@ async def _confirm_with_pgstattuple(
     if context.server["pgstattuple_schema"] is None:
         report.notes.append(PGSTATTUPLE_MISSING)
         return
-    # The most suspicious first (most estimated waste), then the largest.
+    # The most suspicious first (most estimated waste), then the largest; never a table below
+    # minimum_megabytes, whose waste nothing is flagged for.
     candidates = sorted(
-        (table for table in report.tables if table.heap_bytes > 0),
+        (
+            table
+            for table in report.tables
+            if table.heap_bytes > 0 and table.total_bytes >= context.thresholds.minimum_bytes
+        ),
         key=lambda table: (table.bloat_bytes or 0, table.total_bytes),
         reverse=True,
     )[:top_n]

@@ -118,11 +118,18 @@ async def _act_on_batch(
     current, unreadable = await read_runs_by_id(
         client, rule.selection.run_kind, (candidate.run.run_id for candidate in batch)
     )
+    changed = {candidate.run.run_id: _changed(rule, candidate, current, unreadable) for candidate in batch}
+    # Runs this batch deletes: a parent whose subflows all go with it is not held back by them.
+    deleting = [
+        candidate.run.run_id
+        for candidate in batch
+        if candidate.verdict.target_type == DELETE and changed[candidate.run.run_id] is None
+    ]
     ready = []
     for candidate in batch:
-        reason = _changed(rule, candidate, current, unreadable)
+        reason = changed[candidate.run.run_id]
         if reason is None and candidate.verdict.target_type == DELETE:
-            reason = await _why_not_delete(client, candidate.run.run_id)
+            reason = await _why_not_delete(client, candidate.run.run_id, deleting)
         if reason is not None:
             report.record(_action(candidate, "skipped", reason))
         elif dry_run:
@@ -139,7 +146,9 @@ async def _act_on_batch(
                 reason = error_reason(error)
         return _action(candidate, "skipped" if reason else "fixed", reason)
 
-    actions = await asyncio.gather(*(apply(candidate) for candidate in ready))
+    actions: list[RunAction] = []
+    for level in _deepest_first(ready):
+        actions += await asyncio.gather(*(apply(candidate) for candidate in level))
     for action in actions:
         report.record(action)
     await _emit_reconciled(client, rule, [action for action in actions if action.outcome == "fixed"])
@@ -150,15 +159,30 @@ def error_reason(error: Exception) -> str:
     return f"error: {describe_error(error)}"
 
 
-async def _why_not_delete(client: PrefectClient, run_id: UUID) -> str | None:
-    # Deleting a parent turns its subflows into top-level runs: leave trees to retention.
-    subflows = await call(
-        client,
-        "POST",
-        "/flow_runs/count",
-        json={"flow_runs": {"parent_flow_run_id": {"any_": [str(run_id)]}}},
-    )
+async def _why_not_delete(client: PrefectClient, run_id: UUID, deleting: list[UUID]) -> str | None:
+    # Deleting a parent turns its subflows into top-level runs: leave trees to retention,
+    # unless every subflow goes in the same batch (deepest first).
+    flow_runs = {
+        "parent_flow_run_id": {"any_": [str(run_id)]},
+        "id": {"not_any_": [str(other) for other in deleting]},
+    }
+    subflows = await call(client, "POST", "/flow_runs/count", json={"flow_runs": flow_runs})
     return f"it has {subflows} subflow runs; delete it with the retention flow" if subflows else None
+
+
+def _deepest_first(candidates: list[Candidate]) -> list[list[Candidate]]:
+    """The candidates in rounds: a run comes after every subflow of it among them, so that
+    no subflow is ever left behind as a top-level run."""
+    waiting = {candidate.run.run_id: candidate for candidate in candidates}
+    rounds = []
+    while waiting:
+        holders = {candidate.run.holder_id for candidate in waiting.values() if candidate.run.is_subflow}
+        level = [candidate for run_id, candidate in waiting.items() if run_id not in holders]
+        level = level or list(waiting.values())  # a cycle in corrupt data: all at once
+        rounds.append(level)
+        for candidate in level:
+            del waiting[candidate.run.run_id]
+    return rounds
 
 
 async def _apply(client: PrefectClient, rule: Rule, candidate: Candidate) -> str | None:

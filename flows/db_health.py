@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from tasks.health.models import HealthReport
 from tasks.health.survey import publish_health_report, read_previous_health_report, survey_database
 from tasks.health.thresholds import HealthParameters
-from tasks.reports import run_name
+from tasks.reports import Progress, run_name
 
 
 @flow(
@@ -40,8 +40,11 @@ async def db_health_report(
     """
     parameters = HealthParameters.parse(top_n=top_n, exact=exact, thresholds=thresholds, dry_run=dry_run)
     logger = get_run_logger()
+    # Created here, so that the progress artifact belongs to the flow run, like the other flows'.
+    progress = Progress("Surveying the database: pgstattuple when exact, then every check")
+    await progress.update(0)
     previous = await read_previous_health_report()
-    report = await survey_database(parameters, previous)
+    report = await survey_database(parameters, previous, progress)
     await publish_health_report(report)
     logger.info(
         "Verdict %s: %d flags (%s) on the %s in %.1f s",

@@ -61,6 +61,10 @@ class Progress:
         self.description = description
         self.artifact_id: UUID | None = None
 
+    def span(self, start: float, end: float) -> Progress:
+        """This artifact, for one phase of the work: its 0-100% are `start`-`end`% of the whole."""
+        return _ProgressSpan(self, start, end)
+
     async def update(self, percent: float) -> None:
         if not in_flow_run():
             return
@@ -90,6 +94,14 @@ def run_link(name: str, run_id: UUID | str, kind: str = "flow-run") -> str:
 def plural(count: int, singular: str, plural_form: str | None = None) -> str:
     """`1 batch`, `3 batches`."""
     return f"{count:,} {singular if count == 1 else plural_form or singular + 's'}"
+
+
+class _ProgressSpan(Progress):
+    def __init__(self, whole: Progress, start: float, end: float) -> None:
+        self.whole, self.start, self.end = whole, start, end
+
+    async def update(self, percent: float) -> None:
+        await self.whole.update(self.start + (self.end - self.start) * max(0.0, min(100.0, percent)) / 100)
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

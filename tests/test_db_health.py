@@ -148,6 +148,13 @@ async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20
     assert f"| **CRITICAL** | table_bloat | {bloated_table} |" in flags_section
     card = (await artifacts_of(flow_run_id))["db-health-report"]["description"]
     assert card.startswith("CRITICAL · ") and " critical · " in card
+    # One progress artifact, on the flow run as the other flows have theirs, run to the end.
+    async with prefect_client() as client:
+        every = await call(
+            client, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        )
+    progress = [artifact for artifact in every if artifact["type"] == "progress"]
+    assert [(artifact["task_run_id"], artifact["data"]) for artifact in progress] == [(None, 100.0)]
 
 
 async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_pids(on_module_server, psql):

@@ -45,8 +45,11 @@ async def read_previous_health_report() -> PreviousReport | None:
 
 
 @task(name="survey-database", cache_policy=NO_CACHE)
-async def survey_database(parameters: HealthParameters, previous: PreviousReport | None) -> HealthReport:
-    """Everything the report says about the database, read-only; never raises for a check."""
+async def survey_database(
+    parameters: HealthParameters, previous: PreviousReport | None, progress: Progress
+) -> HealthReport:
+    """Everything the report says about the database, read-only; never raises for a check.
+    `progress` is the flow run's progress artifact: pgstattuple (when exact), then the checks."""
     logger = get_run_logger()
     started = time.perf_counter()
     settings = get_settings()
@@ -67,8 +70,9 @@ async def survey_database(parameters: HealthParameters, previous: PreviousReport
                 context = HealthContext(
                     report.backend, connection, parameters.thresholds, report, previous=previous
                 )
+                checked_from = 40.0 if parameters.exact else 0.0
                 if report.backend == "postgresql":
-                    await _survey_postgresql(context, parameters)
+                    await _survey_postgresql(context, parameters, progress.span(0, checked_from))
                 else:
                     await _survey_sqlite(context)
                 logger.info(
@@ -77,7 +81,7 @@ async def survey_database(parameters: HealthParameters, previous: PreviousReport
                     len(report.indexes),
                     report.database,
                 )
-                await run_checks(context, CHECKS, progress=Progress("db-health-report: running checks"))
+                await run_checks(context, CHECKS, progress=progress.span(checked_from, 100))
         except DatabaseUnavailable as error:
             report.flags.append(_unreachable(report, str(error)))
     apply_growth(report, previous)
@@ -93,7 +97,9 @@ async def publish_health_report(report: HealthReport) -> None:
     await publish_markdown(MARKDOWN_KEY, render_markdown(report), markdown_description(report))
 
 
-async def _survey_postgresql(context: HealthContext, parameters: HealthParameters) -> None:
+async def _survey_postgresql(
+    context: HealthContext, parameters: HealthParameters, progress: Progress
+) -> None:
     connection, report = context.connection, context.report
     context.server = await postgres.read_server(connection)
     report.server_version = context.server["server_version"]
@@ -102,7 +108,7 @@ async def _survey_postgresql(context: HealthContext, parameters: HealthParameter
     report.tables, storage = await postgres.read_tables(connection, context.server)
     report.indexes = await postgres.read_indexes(connection, context.server)
     if parameters.exact:
-        await _confirm_with_pgstattuple(context, storage, parameters.top_n)
+        await _confirm_with_pgstattuple(context, storage, parameters.top_n, progress)
     unmeasured = [
         table.name for table in report.tables if table.bloat_method is None and table.heap_bytes > 0
     ]
@@ -114,7 +120,7 @@ async def _survey_postgresql(context: HealthContext, parameters: HealthParameter
 
 
 async def _confirm_with_pgstattuple(
-    context: HealthContext, storage: dict[str, postgres.TableStorage], top_n: int
+    context: HealthContext, storage: dict[str, postgres.TableStorage], top_n: int, progress: Progress
 ) -> None:
     report = context.report
     if context.server["pgstattuple_schema"] is None:
@@ -131,7 +137,6 @@ async def _confirm_with_pgstattuple(
         key=lambda table: (table.bloat_bytes or 0, table.total_bytes),
         reverse=True,
     )[:top_n]
-    progress = Progress("db-health-report: confirming bloat with pgstattuple")
     for position, table in enumerate(candidates, start=1):
         try:
             await postgres.confirm_with_pgstattuple(

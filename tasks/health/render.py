@@ -140,18 +140,29 @@ def _size_chart(report: HealthReport) -> str:
 
 
 # (header, cell, PostgreSQL only): SQLite has no TOAST, dead rows or vacuum statistics.
-TABLE_COLUMNS: tuple[tuple[str, Callable[[TableFigures], str], bool], ...] = (
-    ("table", lambda table: f"**{table.name}**" if table.prefect_table else table.name, False),
+Column = tuple[str, Callable[[TableFigures], str], bool]
+NAME_COLUMN: Column = (
+    "table",
+    lambda table: f"**{table.name}**" if table.prefect_table else table.name,
+    False,
+)
+# Two tables by topic, so that each fits the screen: where the space goes, then the rows.
+SIZE_COLUMNS: tuple[Column, ...] = (
+    NAME_COLUMN,
     ("total", lambda table: human_bytes(table.total_bytes), False),
     ("table data", lambda table: human_bytes(table.heap_bytes), False),
     ("indexes", lambda table: human_bytes(table.index_bytes), False),
     ("TOAST", lambda table: human_bytes(table.toast_bytes), True),
-    ("live rows", lambda table: _count(table.live_rows), False),
-    ("dead rows", lambda table: _count(table.dead_rows), True),
-    ("dead %", lambda table: _percent(table.dead_percent), True),
+    ("growth", lambda table: _signed_bytes(table.growth_bytes), False),
     ("bloat %", lambda table: _percent(table.bloat_percent), False),
     ("wasted", lambda table: human_bytes(table.bloat_bytes), False),
     ("bloat method", lambda table: _method(table), False),
+)
+ROW_COLUMNS: tuple[Column, ...] = (
+    NAME_COLUMN,
+    ("live rows (estimate)", lambda table: _count(table.live_rows), False),
+    ("dead rows (estimate)", lambda table: _count(table.dead_rows), True),
+    ("dead %", lambda table: _percent(table.dead_percent), True),
     (
         "last vacuum",
         lambda table: (
@@ -161,7 +172,6 @@ TABLE_COLUMNS: tuple[tuple[str, Callable[[TableFigures], str], bool], ...] = (
         True,
     ),
     ("last analyze", lambda table: _moment(_latest(table.last_analyze, table.last_autoanalyze)), True),
-    ("growth", lambda table: _signed_bytes(table.growth_bytes), False),
 )
 
 
@@ -169,12 +179,20 @@ def _tables(report: HealthReport) -> str:
     shown = _shown_tables(report)
     if not shown:
         return ""
-    columns = [column for column in TABLE_COLUMNS if report.backend == "postgresql" or not column[2]]
-    rows = [[cell(table) for _, cell, _ in columns] for table in shown]
+
+    def table_of(columns: tuple[Column, ...]) -> str:
+        kept = [column for column in columns if report.backend == "postgresql" or not column[2]]
+        return markdown_table(
+            [header for header, _, _ in kept], [[cell(table) for _, cell, _ in kept] for table in shown]
+        )
+
     return (
         f"## Tables (the {report.top_n} largest, and Prefect's fast-growing tables in bold)\n\n"
-        + markdown_table([header for header, _, _ in columns], rows)
+        + table_of(SIZE_COLUMNS)
         + "\n\nBloat % is wasted space as a share of what the live rows need: 100% means twice the needed size."
+        + "\n\n### Rows and vacuum\n\n"
+        + table_of(ROW_COLUMNS)
+        + "\n\nRow counts are PostgreSQL's statistics (`pg_stat_user_tables`), as of the last vacuum or analyze."
     )
 
 

@@ -42,6 +42,7 @@ from tasks.prefect_api import (
     PrefectApiError,
     prefect_client,
     server_version,
+    version_text,
     version_tuple,
 )
 from tasks.settings import DatabaseUrlError, get_settings
@@ -80,7 +81,7 @@ async def check_client_fits_server() -> None:
     async with prefect_client() as client:
         server = await server_version(client)
     if server < EVENT_STREAM_ACCEPTS_AUTH <= version_tuple(prefect.__version__):
-        server_text = ".".join(map(str, server))
+        server_text = version_text(server)
         supported = sorted(path.stem for path in PREFECT_VERSIONS_DIR.glob("*.txt"))
         raise DeploymentConfigError(
             f"this worker's Prefect {prefect.__version__} cannot open the event stream of the "

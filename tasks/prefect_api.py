@@ -113,6 +113,11 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+def version_text(version: tuple[int, ...]) -> str:
+    """(3, 4, 25) -> '3.4.25'."""
+    return ".".join(map(str, version))
+
+
 _server_versions: dict[str, tuple[int, ...]] = {}
 
 

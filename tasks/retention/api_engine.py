@@ -52,6 +52,7 @@ from tasks.prefect_api import (
     prefect_client,
     server_has,
     server_version,
+    version_text,
 )
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
@@ -547,8 +548,8 @@ class ApiEngine:
                 "this run waited for it. Logs are not counted here."
             ]
         server = (
-            f"this server (Prefect {_dotted(self.server_version)}) never deletes the logs of deleted "
-            f"runs (Prefect does from {_dotted(DELETES_LOGS_OF_DELETED_RUNS)})"
+            f"this server (Prefect {version_text(self.server_version)}) never deletes the logs of deleted "
+            f"runs (Prefect does from {version_text(DELETES_LOGS_OF_DELETED_RUNS)})"
         )
         if self._database is not None:
             verb = "would delete" if dry_run else "deleted"
@@ -559,7 +560,3 @@ class ApiEngine:
                 f"API engine: {server}: the logs of the {self.runs_with_logs_left} runs to delete would stay {sweep}"
             ]
         return [f"API engine: {server}: the logs of the {self.runs_with_logs_left} deleted runs stay {sweep}"]
-
-
-def _dotted(version: tuple[int, ...]) -> str:
-    return ".".join(map(str, version))

@@ -43,8 +43,12 @@ endef
 demo: $(VENV)
 	$(PYTHON) -m localstack.demo
 
+# Two test processes, each with its own PostgreSQL and Prefect servers; a test module
+# stays in one process, so its module-wide server is started once.
+TEST_PROCESSES ?= 2
+
 test: $(VENV)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 lint: $(VENV)
 	$(PYTHON) -m ruff check .

@@ -21,6 +21,7 @@ the flows with that venv's client.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -107,10 +108,18 @@ def venv_python(version: str, root: Path = VENVS_DIR) -> Path:
     home = root / version
     python = home / "bin" / "python"
     stamp = home / ".installed"
-    if stamp.exists() and stamp.read_text() == digest and python.exists():
-        return python
-    shutil.rmtree(home, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
+    # Test processes running side by side may ask for the same venv: one makes it.
+    with open(root / f"{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and stamp.read_text() == digest and python.exists()):
+            _make_venv(home, python, requirements)
+            stamp.write_text(digest)
+    return python
+
+
+def _make_venv(home: Path, python: Path, requirements: Path) -> None:
+    shutil.rmtree(home, ignore_errors=True)
     environment = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
     subprocess.run(
         [uv(), "venv", "--quiet", "--python", sys.executable, str(home)], check=True, env=environment
@@ -121,8 +130,6 @@ def venv_python(version: str, root: Path = VENVS_DIR) -> Path:
             check=True,
             env=environment,
         )
-    stamp.write_text(digest)
-    return python
 
 
 def run_with_client(

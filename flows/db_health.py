@@ -14,9 +14,10 @@ reports the file, its free pages and per-table sizes, and says what does not app
 from prefect import flow, get_run_logger
 
 from tasks.health.models import HealthReport
-from tasks.health.survey import publish_health_report, read_previous_health_report, survey_database
+from tasks.health.render import health_artifacts
+from tasks.health.survey import read_previous_health_report, survey_database
 from tasks.health.thresholds import HealthParameters
-from tasks.reports import Progress, run_name
+from tasks.reports import Progress, publish_report, run_name
 
 
 @flow(
@@ -45,7 +46,7 @@ async def db_health_report(
     await progress.update(0)
     previous = await read_previous_health_report()
     report = await survey_database(parameters, previous, progress)
-    await publish_health_report(report)
+    await publish_report(health_artifacts(report))
     logger.info(
         "Verdict %s: %d flags (%s) on the %s in %.1f s",
         report.verdict.upper(),

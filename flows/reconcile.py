@@ -19,9 +19,9 @@ from prefect import flow, get_run_logger
 from tasks.reconcile.detect import choose_detection_source, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters, UnknownStateAction
 from tasks.reconcile.passes import ReconcilePass, walk_rules
-from tasks.reconcile.report import ReconcileReport, RuleReport, final_state, publish_reconcile_report
+from tasks.reconcile.report import ReconcileReport, RuleReport, final_state
 from tasks.reconcile.rules import RULES, Rule
-from tasks.reports import Progress, run_name
+from tasks.reports import Progress, publish_report, run_name
 
 DEFAULTS = ReconcileParameters()
 
@@ -98,6 +98,6 @@ async def reconcile_stuck_runs(
     passing = ReconcilePass(parameters, scope, source)
     report.rules = await walk_rules(passing, reported)
     report.seconds = round(time.monotonic() - clock, 3)
-    await publish_reconcile_report(report)
+    await publish_report(report.artifacts())
     logger.info("Reconcile %s", report.summary())
     return final_state(report)

@@ -14,7 +14,7 @@ from time import perf_counter
 
 from prefect import flow, get_run_logger
 
-from tasks.reports import run_name
+from tasks.reports import publish_report, run_name
 from tasks.retention.parameters import EngineChoice, RetentionParameters, TerminalState
 from tasks.retention.purge import (
     delete_old_events,
@@ -155,7 +155,7 @@ async def retention(
         vacuumed_tables=vacuumed,
         notes=notes,
     )
-    await report.publish()
+    await publish_report(report.artifacts())
     logger.info("Retention %s (%s)", report.summary(), report.stopped_reason)
     if purge.error:
         raise RetentionFailed(f"retention stopped after {report.flow_runs_deleted} flow runs: {purge.error}")

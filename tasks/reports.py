@@ -9,16 +9,19 @@ shows the history of each report under its key (`retention-report`, `reconcile-r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from prefect import task
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 
@@ -42,16 +45,37 @@ def in_flow_run() -> bool:
     return FlowRunContext.get() is not None
 
 
-async def publish_markdown(key: str, markdown: str, description: str) -> UUID | None:
+async def _publish_markdown(key: str, markdown: str, description: str) -> UUID | None:
     if not in_flow_run():
         return None
     return await acreate_markdown_artifact(markdown=markdown, key=key, description=description)
 
 
-async def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> UUID | None:
+async def _publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> UUID | None:
     if not in_flow_run() or not rows:
         return None
     return await acreate_table_artifact(table=[dict(row) for row in rows], key=key, description=description)
+
+
+@dataclass(frozen=True)
+class ReportArtifacts:
+    """What a flow run shows of its report: the readable markdown under one key and its
+    rows as a table under another (one artifact type per key, so that each key's history
+    in the UI is one kind of card), each with its one-line description."""
+
+    key: str
+    markdown: str
+    description: str
+    table_key: str
+    table: Sequence[Mapping[str, Any]]
+    table_description: str
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+async def publish_report(artifacts: ReportArtifacts) -> None:
+    """Every flow's report reaches the UI this one way."""
+    await _publish_markdown(artifacts.key, artifacts.markdown, artifacts.description)
+    await _publish_table(artifacts.table_key, artifacts.table, artifacts.table_description)
 
 
 class Progress:

@@ -13,6 +13,7 @@ and SQLite.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -342,14 +343,16 @@ async def dangling_collections(keys: Iterable[str]) -> int:
 # Waiting ----------------------------------------------------------------------------------
 
 
-async def wait_for(condition, *, what: str, attempts: int = 600, pause: float = 0.05):
-    """Poll `condition()` (async) until it returns something truthy; bounded in attempts."""
-    for _ in range(attempts):
+async def wait_for(condition, *, what: str, timeout: float = 30, pause: float = 0.05):
+    """Poll `condition()` (async) until it returns something truthy, for at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
         value = await condition()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
         await asyncio.sleep(pause)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 async def session_waiting_for_a_lock(
@@ -403,7 +406,7 @@ async def wait_for_event(database_url: str | None, run_id: uuid.UUID, event: str
             resource=f"prefect.flow-run.{run_id}",
         )
 
-    await wait_for(stored, what=f"the {event} event of {run_id}", attempts=60, pause=0.5)
+    await wait_for(stored, what=f"the {event} event of {run_id}", pause=0.5)
 
 
 class DeadlineAfterChecks:

@@ -17,12 +17,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 from conftest import serving, use_server
+from history import wait_for
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Completed, Pending, Running
@@ -94,16 +94,6 @@ async def state_of(run_id: UUID):
         return (await client.read_flow_run(run_id)).state
 
 
-async def wait_for(condition, what: str, timeout: float = WAIT_SECONDS):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
-        await asyncio.sleep(1)
-
-
 async def has_sent_a_heartbeat(run_id: UUID) -> bool:
     async with prefect_client() as client:
         events = await call(
@@ -171,9 +161,13 @@ async def test_a_lost_node_and_a_restart_leave_the_limit_holding_its_live_run(fr
         lost = await run_deployment(deployment, seconds=600)
         node = start_node(server, tmp_path / "node-1.log")
         try:
-            await wait_for(lambda: running(lost), "the first run to start")
+            await wait_for(
+                lambda: running(lost), what="the first run to start", timeout=WAIT_SECONDS, pause=1
+            )
             # The zombie rule judges runs by their last heartbeat: let it send one.
-            await wait_for(lambda: has_sent_a_heartbeat(lost), "its first heartbeat", timeout=90)
+            await wait_for(
+                lambda: has_sent_a_heartbeat(lost), what="its first heartbeat", timeout=90, pause=1
+            )
         finally:
             lose_node(node, lost)
         assert await active_slots(deployment) == 1
@@ -187,13 +181,17 @@ async def test_a_lost_node_and_a_restart_leave_the_limit_holding_its_live_run(fr
                 f"/v2/concurrency_limits/leases/{lease}/renew",
                 json={"lease_duration": SHORTEST_LEASE_SECONDS},
             )
-        await wait_for(lambda: _is_zero(active_slots(deployment)), "the repossessor", timeout=120)
+        await wait_for(
+            lambda: _is_zero(active_slots(deployment)), what="the repossessor", timeout=120, pause=1
+        )
         assert (await state_of(lost)).type.value == "RUNNING"
 
         second_node = start_node(server, tmp_path / "node-2.log")
         try:
             live = await run_deployment(deployment, seconds=75)
-            await wait_for(lambda: running(live), "the second run to start")
+            await wait_for(
+                lambda: running(live), what="the second run to start", timeout=WAIT_SECONDS, pause=1
+            )
             server.stop()
             server.start()
             report = await reconcile_stuck_runs(dry_run=False, zombie_after_minutes=1)
@@ -309,7 +307,7 @@ async def test_shortfalls_are_restored_and_live_runs_untouched(on_fresh_server):
         live_state.id,
         live_state.state_details.deployment_concurrency_lease_id,
     )
-    assert await wait_for(lambda: corrected_limits(), "the events") == {
+    assert await wait_for(lambda: corrected_limits(), what="the events", timeout=WAIT_SECONDS, pause=1) == {
         f"deployment:{deployment}" for deployment in (short, over)
     }
     assert (await reconcile_stuck_runs(dry_run=True)).rule("concurrency-slots").found == 0

@@ -52,7 +52,7 @@ async def test_without_bulk_delete_a_run_that_leaves_its_terminal_state_before_i
                 await wait_for(
                     lambda: session_waiting_for_a_lock(watcher),
                     what="the server waiting for the held lock",
-                    attempts=1200,
+                    timeout=60,
                 )
                 # Meanwhile someone retries the other run from the UI.
                 async with prefect_client() as client:

@@ -10,8 +10,9 @@ from typing import Any
 
 from tasks.health.checks import CHECKS
 from tasks.health.framework import InformationOnly
+from tasks.health.history import TABLE_KEY, table_artifact_description
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, TableFigures
-from tasks.reports import human_bytes, markdown_table
+from tasks.reports import ReportArtifacts, human_bytes, markdown_table
 
 MARKDOWN_KEY = "db-health-report"
 # Words, not colour emoji: the verdict reads the same without an emoji font.
@@ -20,6 +21,17 @@ SEVERITY_BADGES = {"critical": "**CRITICAL**", "warning": "**warning**", "info":
 CHART_WIDTH = 40
 # Heap, indexes and TOAST, stacked in each bar.
 CHART_BLOCKS = ("█", "▓", "░")
+
+
+def health_artifacts(report: HealthReport) -> ReportArtifacts:
+    return ReportArtifacts(
+        key=MARKDOWN_KEY,
+        markdown=render_markdown(report),
+        description=markdown_description(report),
+        table_key=TABLE_KEY,
+        table=table_rows(report),
+        table_description=table_artifact_description(report),
+    )
 
 
 def render_markdown(report: HealthReport) -> str:

@@ -19,12 +19,11 @@ from tasks.database import DatabaseUnavailable, connect, describe_error, dialect
 from tasks.health import postgres, sqlite
 from tasks.health.checks import CHECKS
 from tasks.health.framework import HealthContext, run_checks
-from tasks.health.history import TABLE_KEY, apply_growth, read_previous_report, table_artifact_description
+from tasks.health.history import apply_growth, read_previous_report
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, PreviousReport, verdict_of
-from tasks.health.render import MARKDOWN_KEY, markdown_description, render_markdown, table_rows
 from tasks.health.thresholds import HealthParameters
 from tasks.prefect_api import PrefectApiError
-from tasks.reports import Progress, publish_markdown, publish_table
+from tasks.reports import Progress
 from tasks.settings import get_settings
 
 PGSTATTUPLE_MISSING = (
@@ -89,12 +88,6 @@ async def survey_database(
     report.verdict = verdict_of(report.flags)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
-
-
-@task(name="publish-health-report", cache_policy=NO_CACHE)
-async def publish_health_report(report: HealthReport) -> None:
-    await publish_table(TABLE_KEY, table_rows(report), table_artifact_description(report))
-    await publish_markdown(MARKDOWN_KEY, render_markdown(report), markdown_description(report))
 
 
 async def _survey_postgresql(

@@ -7,15 +7,13 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from tasks.database import describe_error
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.rules import Rule
-from tasks.reports import markdown_table, publish_markdown, publish_table, run_link
+from tasks.reports import ReportArtifacts, markdown_table, run_link
 
 REPORT_KEY = "reconcile-report"
 RUNS_TABLE_KEY = "reconcile-report-runs"
@@ -183,6 +181,16 @@ class ReconcileReport(BaseModel):
             + (f"; rules that failed: {', '.join(failed)}" if failed else "")
         )
 
+    def artifacts(self) -> ReportArtifacts:
+        return ReportArtifacts(
+            key=REPORT_KEY,
+            markdown=self.to_markdown(),
+            description=self.summary(),
+            table_key=RUNS_TABLE_KEY,
+            table=self.table_rows(),
+            table_description=f"Runs of this pass: {self.summary()}",
+        )
+
     def table_rows(self) -> list[dict[str, str]]:
         return [
             {
@@ -275,14 +283,6 @@ def _limits_table(corrections: list[SlotCorrection]) -> str:
             )
             for correction in corrections
         ),
-    )
-
-
-@task(name="publish-reconcile-report", cache_policy=NO_CACHE)
-async def publish_reconcile_report(report: ReconcileReport) -> None:
-    await publish_markdown(REPORT_KEY, report.to_markdown(), description=report.summary())
-    await publish_table(
-        RUNS_TABLE_KEY, report.table_rows(), description=f"Runs of this pass: {report.summary()}"
     )
 
 

@@ -16,7 +16,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from tasks.reports import markdown_table, plural, publish_markdown, publish_table, run_link
+from tasks.reports import ReportArtifacts, markdown_table, plural, run_link
 from tasks.retention.policy import RunRecord
 
 REPORT_KEY = "retention-report"
@@ -252,13 +252,15 @@ class RetentionReport(BaseModel):
             lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
-    async def publish(self) -> None:
+    def artifacts(self) -> ReportArtifacts:
         """The readable report under its key, the breakdown as a table under its own."""
-        await publish_markdown(REPORT_KEY, self.to_markdown(), self.summary())
-        await publish_table(
-            BREAKDOWN_KEY,
-            self.breakdown_rows(),
-            f"Flow runs per state, deployment and flow: {self.summary()}",
+        return ReportArtifacts(
+            key=REPORT_KEY,
+            markdown=self.to_markdown(),
+            description=self.summary(),
+            table_key=BREAKDOWN_KEY,
+            table=self.breakdown_rows(),
+            table_description=f"Flow runs per state, deployment and flow: {self.summary()}",
         )
 
 

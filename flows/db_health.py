@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from tasks.health.models import HealthReport
 from tasks.health.survey import publish_health_report, read_previous_health_report, survey_database
 from tasks.health.thresholds import HealthParameters
-from tasks.reports import Progress, run_name
+from tasks.reports import Progress, plural, run_name
 
 
 @flow(
@@ -47,9 +47,9 @@ async def db_health_report(
     report = await survey_database(parameters, previous, progress)
     await publish_health_report(report)
     logger.info(
-        "Verdict %s: %d flags (%s) on the %s in %.1f s",
+        "Verdict %s: %s (%s) on the %s in %.1f s",
         report.verdict.upper(),
-        len(report.flags),
+        plural(len(report.flags), "flag"),
         ", ".join(sorted({flag.check for flag in report.flags if flag.severity != "info"}))
         or "none above info",
         report.database,

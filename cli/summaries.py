@@ -35,10 +35,10 @@ def retention_summary(report: Any) -> list[str]:
         f"  by deployment: {counts(report.by_deployment)}",
     ]
     if any(report.rows_deleted.values()):
-        lines.append(f"  rows {verb}: {counts(report.rows_deleted)}")
+        lines.append(f"  {verb} rows: {counts(report.rows_deleted)}")
     for title, rows in (("orphans", report.orphan_rows_deleted), ("events", report.event_rows_deleted)):
         if any(rows.values()):
-            lines.append(f"  {title} {verb}: {counts(rows)}")
+            lines.append(f"  {verb} {title}: {counts(rows)}")
     return lines
 
 

@@ -49,7 +49,9 @@ def test_the_retention_report_of_one_run_speaks_in_the_singular():
     two = retention_report(2).to_markdown()
     assert "deleted 2 flow runs" in two and "COMPLETED 2 days" in two and "slowed down 2 times)" in two
     assert "2 expired top-level runs remain" in two
-    assert retention_summary(retention_report(1))[0].startswith("deleted 1 flow run with the sql engine")
+    summary = retention_summary(retention_report(1))
+    assert summary[0].startswith("deleted 1 flow run with the sql engine")
+    assert "  deleted rows: flow_run 1" in summary
 
 
 def test_the_health_summary_counts_its_flags_and_shows_each_value_with_its_unit():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from tasks.reports import plural
+
 
 def counts(values: Mapping[str, int]) -> str:
     """`CRASHED 8 · COMPLETED 6`: largest first, nothing for zero."""
@@ -27,23 +29,25 @@ def reconcile_summary(report: Any) -> list[str]:
 def retention_summary(report: Any) -> list[str]:
     verb = "would delete" if report.dry_run else "deleted"
     lines = [
-        f"{verb} {report.flow_runs_deleted:,} flow runs with the {report.engine} engine in {report.seconds:.1f} s "
+        f"{verb} {plural(report.flow_runs_deleted, 'flow run')} with the {report.engine} engine in {report.seconds:.1f} s "
         f"({report.stopped_reason}, {report.remaining:,} remaining)",
         f"  by state:      {counts(report.by_state)}",
         f"  by deployment: {counts(report.by_deployment)}",
     ]
     if any(report.rows_deleted.values()):
-        lines.append(f"  rows {verb}: {counts(report.rows_deleted)}")
+        lines.append(f"  {verb} rows: {counts(report.rows_deleted)}")
     for title, rows in (("orphans", report.orphan_rows_deleted), ("events", report.event_rows_deleted)):
         if any(rows.values()):
-            lines.append(f"  {title} {verb}: {counts(rows)}")
+            lines.append(f"  {verb} {title}: {counts(rows)}")
     return lines
 
 
 def health_summary(report: Any) -> list[str]:
-    lines = [f"verdict {report.verdict.upper()} on the {report.database}: {len(report.flags)} flags"]
+    lines = [
+        f"verdict {report.verdict.upper()} on the {report.database}: {plural(len(report.flags), 'flag')}"
+    ]
     for flag in report.flags[:8]:
-        value = "" if flag.value is None else f" = {flag.value}{f' {flag.unit}' if flag.unit else ''}"
+        value = "" if flag.value is None else f": {flag.shown}"
         lines.append(f"  {flag.severity:8} {flag.check}: {flag.object}{value}")
     if len(report.flags) > 8:
         lines.append(f"  ... and {len(report.flags) - 8} more in the report")

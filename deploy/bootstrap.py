@@ -44,6 +44,7 @@ from deploy import (
 )
 from deploy.deployments import apply_deployment, check_accepted, deployment_requests
 from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.reports import plural
 from tasks.settings import DatabaseUrlError, get_settings
 
 WORK_POOL_TYPE = ProcessWorker.type
@@ -109,7 +110,7 @@ async def verify_deployments(target: MaintenanceQueue, expected: list[str]) -> s
             f"after deploying, these deployments are not on work queue {target.queue!r} of "
             f"pool {target.pool!r}: {', '.join(missing)}"
         )
-    return f"read back: {len(expected)} deployments on {target.pool}/{target.queue}"
+    return f"read back: {plural(len(expected), 'deployment')} on {target.pool}/{target.queue}"
 
 
 async def next_step(target: MaintenanceQueue) -> str:

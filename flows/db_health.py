@@ -17,7 +17,7 @@ from tasks.health.models import HealthReport
 from tasks.health.render import health_artifacts
 from tasks.health.survey import read_previous_health_report, survey_database
 from tasks.health.thresholds import HealthParameters
-from tasks.reports import Progress, publish_report, run_name
+from tasks.reports import Progress, plural, publish_report, run_name
 
 
 @flow(
@@ -48,9 +48,9 @@ async def db_health_report(
     report = await survey_database(parameters, previous, progress)
     await publish_report(health_artifacts(report))
     logger.info(
-        "Verdict %s: %d flags (%s) on the %s in %.1f s",
+        "Verdict %s: %s (%s) on the %s in %.1f s",
         report.verdict.upper(),
-        len(report.flags),
+        plural(len(report.flags), "flag"),
         ", ".join(sorted({flag.check for flag in report.flags if flag.severity != "info"}))
         or "none above info",
         report.database,

@@ -21,6 +21,7 @@ from deploy import PROJECT_ROOT
 from flows.db_health import db_health_report
 from localstack.seed import seed_messy_history
 from tasks.database import connect
+from tasks.health.framework import with_unit
 from tasks.health.models import HealthReport
 from tasks.prefect_api import call, prefect_client
 
@@ -128,6 +129,19 @@ async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20
     assert not [flag for flag in report.flags if flag.check in size_checks and flag.object in small]
     bloat_flag = flags_of(report, "table_bloat")[bloated_table]
     assert (bloat_flag.severity, bloat_flag.threshold) == ("critical", 100)
+    # Every value says what it is, with its unit.
+    assert bloat_flag.shown == f"{with_unit(bloat_flag.value, '%')} bloat"
+    assert (
+        flags_of(report, "dead_tuples")[bloated_table].shown
+        == f"{with_unit(table.dead_percent, '%')} dead rows"
+    )
+    assert flags_of(report, "autovacuum_stale")[bloated_table].shown.endswith("h since a vacuum")
+    # With exact, pgstattuple_approx counts the dead rows: 120,000 of the 200,000 were deleted.
+    assert (table.rows_method, table.dead_rows, table.dead_rows_exact) == (
+        "pgstattuple_approx",
+        120_000,
+        True,
+    )
     assert f"VACUUM (ANALYZE) {bloated_table};" in bloat_flag.advice
     assert flags_of(report, "dead_tuples")[bloated_table].severity == "warning"
     assert f"ALTER TABLE {bloated_table} RESET (autovacuum_enabled);" in (
@@ -145,7 +159,7 @@ async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20
     ]
     assert positions == sorted(positions)
     flags_section = markdown[positions[0] : positions[1]]
-    assert f"| **CRITICAL** | table_bloat | {bloated_table} |" in flags_section
+    assert f"| **CRITICAL** | table_bloat | {bloated_table} | {bloat_flag.shown} | 100% |" in flags_section
     card = (await artifacts_of(flow_run_id))["db-health-report"]["description"]
     assert card.startswith("CRITICAL · ") and " critical · " in card
     # One progress artifact, on the flow run as the other flows have theirs, run to the end.
@@ -155,6 +169,48 @@ async def test_sixty_percent_dead_table_exact_within_5_points_estimate_within_20
         )
     progress = [artifact for artifact in every if artifact["type"] == "progress"]
     assert [(artifact["task_run_id"], artifact["data"]) for artifact in progress] == [(None, 100.0)]
+
+
+async def test_a_small_table_is_counted_exactly_whatever_the_statistics_say(on_module_server, psql):
+    # 24 live rows and 10 dead ones; the statistics, reset, say there is nothing at all.
+    psql(
+        "CREATE TABLE health_probe_small (id int PRIMARY KEY, payload text) WITH (autovacuum_enabled = false); "
+        "INSERT INTO health_probe_small SELECT g, md5(g::text) FROM generate_series(1, 34) AS g; "
+        "DELETE FROM health_probe_small WHERE id > 24"
+    )
+    psql("SELECT pg_stat_reset_single_table_counters('health_probe_small'::regclass)")
+    counted = int(psql("SELECT count(*) FROM health_probe_small"))
+    assert counted == 24
+
+    # Without pgstattuple, count(*) counts the live rows; the dead ones stay an estimate.
+    psql("DROP EXTENSION IF EXISTS pgstattuple")
+    try:
+        report, flow_run_id = await run_report(top_n=200)
+    finally:
+        psql("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+    small = table_named(report, "health_probe_small")
+    assert (small.live_rows, small.rows_method, small.live_rows_exact, small.dead_rows_exact) == (
+        counted,
+        "count",
+        True,
+        False,
+    )
+    markdown = (await artifacts_of(flow_run_id))["db-health-report"]["data"]
+    assert "| health_probe_small | 24 | ~0 | ~0% | count(*) |" in markdown
+    assert "A figure marked ~ is an estimate, any other is exact." in markdown
+    assert "count(*): tables under 10 MB (minimum_megabytes)" in markdown
+
+    # With pgstattuple, both are counted.
+    report, flow_run_id = await run_report(top_n=200)
+    small = table_named(report, "health_probe_small")
+    dead = int(psql("SELECT dead_tuple_count FROM pgstattuple('health_probe_small')"))
+    assert (small.live_rows, small.dead_rows, small.rows_method, dead) == (counted, 10, "pgstattuple", 10)
+    assert (small.bloat_method, small.dead_percent) == ("pgstattuple", round(100 * 10 / 34, 1))
+    markdown = (await artifacts_of(flow_run_id))["db-health-report"]["data"]
+    assert f"| health_probe_small | 24 | 10 | {small.dead_percent:g}% | pgstattuple |" in markdown
+    # A big table stays an estimate unless exact asks for pgstattuple_approx.
+    big = [table for table in report.tables if table.total_bytes >= 10 * 1024 * 1024]
+    assert big and {table.rows_method for table in big} == {"statistics"}
 
 
 async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_pids(on_module_server, psql):

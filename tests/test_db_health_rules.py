@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tasks.health.bloat import bloat_between, estimate_table_bloat, measured_table_bloat
 from tasks.health.checks import CHECKS
-from tasks.health.framework import AboveThreshold, WhenPositive
+from tasks.health.framework import AboveThreshold, InformationOnly, WhenPositive, with_unit
 from tasks.health.models import Flag, verdict_of
 from tasks.health.thresholds import HealthParameters, Thresholds
 
@@ -136,3 +136,18 @@ def test_the_measured_figure_counts_heap_and_toast_on_the_same_scale():
     )
     assert with_toast.bytes == heap_only.bytes
     assert with_toast.percent < heap_only.percent
+
+
+def test_every_flag_says_what_its_value_is_in_its_unit():
+    flagging = [check for check in CHECKS if not isinstance(check.severity_rule, InformationOnly)]
+    assert [check.name for check in flagging if not check.unit and check.shows == "{value}"] == []
+    shown = {check.name: check for check in CHECKS}
+    assert shown["autovacuum_due"].show(117) == "117 dead rows"
+    assert shown["autovacuum_due"].show(1) == "1 dead row"
+    assert shown["table_bloat"].show(96.25) == "96.2% bloat"
+    assert shown["autovacuum_stale"].show(26.0) == "26h since a vacuum"
+    assert shown["unused_indexes"].show(16 * 1024 * 1024) == "16.0 MB index, 0 scans"
+    assert shown["deadlocks"].show(1) == "1 new deadlock"
+    assert shown["events_past_retention"].show(1.0) == "1 day overdue"
+    assert shown["missing_prefect_indexes"].show("flow_run") == "missing on flow_run"
+    assert with_unit(2.5, "day") == "2.5 days" and with_unit(None, "day") == "-"

@@ -36,7 +36,7 @@ from tasks.reconcile.actions import RECONCILED_EVENT, end_stuck_runs
 from tasks.reconcile.detect import choose_detection_source, find_stuck_runs, resolve_scope
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.passes import count_stuck_runs
-from tasks.reconcile.report import REPORT_KEY, ReconcileReport
+from tasks.reconcile.report import REPORT_KEY, ReconcileReport, RuleReport
 from tasks.reconcile.rules import RULES_BY_NAME
 
 LATE_AFTER_HOURS = 48
@@ -204,6 +204,16 @@ async def test_the_report_is_published_under_its_key(passes, module_server):
     texts = [artifact["data"] for artifact in artifacts]
     assert any("dry run: nothing was changed" in data for data in texts)
     assert all("Zombie Running" in data and "Late forever" in data for data in texts)
+    # Table cells never wrap in the UI: what was seen is in the list under each table, never a cell.
+    real = passes.real.to_markdown()
+    table_rows = [line for line in real.splitlines() if line.startswith("|")]
+    seen = [action.seen for rule in passes.real.rules for action in rule.runs]
+    assert seen and not [text for text in seen if any(text in row for row in table_rows)]
+    assert all(
+        f"- **{action.run_name}**: {action.seen}" in real
+        for rule in passes.real.rules
+        for action in rule.runs[:25]
+    )
 
 
 async def test_a_run_that_changes_between_detection_and_action_is_skipped(passes, module_server):
@@ -378,6 +388,27 @@ async def test_an_unknown_deployment_or_flow_name_fails_before_anything_is_touch
 ):
     with serving(module_server), pytest.raises(ValueError, match=message):
         await reconcile_stuck_runs(**scope)
+
+
+@pytest.mark.no_stack
+def test_the_report_counts_in_the_singular_and_the_plural():
+    report = ReconcileReport(
+        dry_run=False,
+        detection="sql",
+        detection_note="read-only queries",
+        started=datetime.now(UTC),
+        max_actions=1,
+        rules=[
+            RuleReport(
+                rule="stuck-pending", title="Stuck Pending", finds="-", sets="-", threshold="-", found=1
+            )
+        ],
+    )
+    assert report.summary().startswith("found 1 stuck run, fixed 0")
+    assert "At most 1 action per pass." in report.to_markdown()
+    report.rules[0].found, report.max_actions = 2, 1000
+    assert report.summary().startswith("found 2 stuck runs, fixed 0")
+    assert "At most 1,000 actions per pass." in report.to_markdown()
 
 
 @pytest.mark.no_stack

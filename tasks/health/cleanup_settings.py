@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from tasks.health.framework import with_unit
+
 NOT_KNOWN = "not known on this server"
 
 # The event persister's trim interval, fixed in its code (`trim_every`), not a setting.
@@ -53,7 +55,7 @@ def days(value: Any) -> str:
     if period is None:
         return NOT_KNOWN
     seconds = period.total_seconds()
-    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
+    return with_unit(seconds / 86400, "day") if seconds >= 86400 else with_unit(seconds / 3600, "hour")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from tasks.health.models import (
 )
 from tasks.health.statements import rows_of
 from tasks.health.thresholds import Thresholds
-from tasks.reports import Progress
+from tasks.reports import Progress, human_bytes
 
 Row = dict[str, Any]
 
@@ -149,17 +149,44 @@ SeverityRule = AboveThreshold | EveryRow | WhenPositive | InformationOnly
 
 @dataclass(frozen=True)
 class Check:
+    """`unit` is the unit of the value and its threshold (a symbol, `bytes`, or a noun in the
+    singular: `dead row`); `shows` says what the value is, around the value with its unit."""
+
     name: str
     title: str
     query: Query
     severity_rule: SeverityRule
     advice: str | Mapping[Backend, str] = ""
     unit: str = ""
+    shows: str = "{value}"
     backends: tuple[Backend, ...] = ("postgresql",)
 
     def advice_for(self, backend: Backend, row: Row) -> str:
         template = self.advice if isinstance(self.advice, str) else self.advice.get(backend, "")
         return template.format_map(_Blanks(row))
+
+    def show(self, value: Any) -> str:
+        return "-" if value is None else self.shows.format(value=with_unit(value, self.unit))
+
+
+# Units written right after the number; any other unit but bytes is a noun, plural but for one.
+SYMBOL_UNITS = ("%", "s", "h")
+
+
+def with_unit(value: Any, unit: str) -> str:
+    """`93.5%`, `26h`, `16.0 MB`, `1 dead row`, `1,234 dead rows`; text as it is."""
+    if value is None:
+        return "-"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    if unit == "bytes":
+        return human_bytes(value)
+    number = f"{value:,.1f}".removesuffix(".0") if isinstance(value, float) else f"{value:,}"
+    if unit in SYMBOL_UNITS:
+        return f"{number}{unit}"
+    if not unit:
+        return number
+    return f"{number} {unit if number == '1' else unit + 's'}"
 
 
 class _Blanks(dict):
@@ -199,6 +226,7 @@ async def run_checks(
                     value=_plain(row.get("value")),
                     threshold=threshold,
                     unit=check.unit,
+                    shown=check.show(_plain(row.get("value"))),
                     advice=check.advice_for(context.backend, row),
                 )
             )

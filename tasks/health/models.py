@@ -14,7 +14,17 @@ HealthVerdict = Literal["ok", "warning", "critical"]
 Backend = Literal["postgresql", "sqlite"]
 
 # How a bloat figure was obtained, from the cheapest to the most exact.
-BloatMethod = Literal["estimate", "pgstattuple_approx", "dbstat"]
+BloatMethod = Literal["estimate", "pgstattuple_approx", "pgstattuple", "dbstat"]
+# How a table's rows were counted, and which of its two counts (live, dead) that makes exact:
+# PostgreSQL's statistics estimate both; count(*) counts the live rows; pgstattuple_approx
+# counts the dead rows and estimates the live ones on pages it skips; pgstattuple counts both.
+RowsMethod = Literal["statistics", "count", "pgstattuple_approx", "pgstattuple"]
+EXACT_ROWS: dict[RowsMethod, tuple[bool, bool]] = {
+    "statistics": (False, False),
+    "count": (True, False),
+    "pgstattuple_approx": (False, True),
+    "pgstattuple": (True, True),
+}
 
 # The tables Prefect's maintenance guide says grow fastest; always listed in the report.
 PREFECT_BIG_TABLES = (
@@ -37,6 +47,7 @@ class Flag(BaseModel):
     value: float | str | None = None
     threshold: float | None = None
     unit: str = ""
+    shown: str = Field("-", description="The value as the report shows it: with its unit and what it is.")
     advice: str
 
 
@@ -62,6 +73,7 @@ class TableFigures(BloatFigures):
     live_rows: int | None = None
     dead_rows: int | None = None
     dead_percent: float | None = None
+    rows_method: RowsMethod = "statistics"
     estimated_bloat_percent: float | None = Field(
         None, description="The statistics-based estimate, kept when pgstattuple confirmed the table."
     )
@@ -74,6 +86,19 @@ class TableFigures(BloatFigures):
     changes_since_vacuum: int | None = None
     prefect_table: bool = False
     growth_bytes: int | None = Field(None, description="Growth of total_bytes since the previous report.")
+
+    def record_rows(self, live: int | None, dead: int | None, method: RowsMethod) -> None:
+        self.live_rows, self.dead_rows, self.rows_method = live, dead, method
+        counted = (live or 0) + (dead or 0)
+        self.dead_percent = round(100.0 * dead / counted, 1) if dead is not None and counted > 0 else None
+
+    @property
+    def live_rows_exact(self) -> bool:
+        return EXACT_ROWS[self.rows_method][0]
+
+    @property
+    def dead_rows_exact(self) -> bool:
+        return EXACT_ROWS[self.rows_method][1]
 
 
 class IndexFigures(BloatFigures):
@@ -116,6 +141,9 @@ class HealthReport(BaseModel):
     previous_report_at: datetime | None = None
     exact: bool = False
     top_n: int = 20
+    minimum_megabytes: float = Field(
+        10, description="Tables smaller than this are counted exactly and never flagged for their size."
+    )
 
 
 SEVERITY_ORDER: dict[Severity, int] = {"critical": 0, "warning": 1, "info": 2}

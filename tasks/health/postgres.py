@@ -2,9 +2,11 @@
 
 `survey` reads the server's settings and one row per table and per index (sizes, row
 counts, vacuum times, and the inputs of the bloat estimate) and turns them into
-`TableFigures` / `IndexFigures`; `confirm_with_pgstattuple` replaces the estimate by a
-measured figure for the tables worth the extra I/O. The checks' own SQL is in the catalog
-(`tasks.health.checks`), beside each check.
+`TableFigures` / `IndexFigures`. Where exact figures are cheap they replace the estimates:
+`count_small_table` counts a table too small to cost anything to read (pgstattuple: live
+rows, dead rows and bloat; count(*) when pgstattuple is not installed), and
+`confirm_with_pgstattuple` measures, when asked, the big tables worth the extra I/O. The
+checks' own SQL is in the catalog (`tasks.health.checks`), beside each check.
 
 Everything here only reads catalogs and statistics views. A role with `pg_monitor`
 (statistics of every session, and EXECUTE on pgstattuple through `pg_stat_scan_tables`) and
@@ -15,7 +17,7 @@ roles that may read the columns) sees all of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -55,6 +57,7 @@ SELECT c.oid,
        CASE WHEN n.nspname = 'public' THEN quote_ident(c.relname)
             ELSE quote_ident(n.nspname) || '.' || quote_ident(c.relname) END AS name,
        c.relname AS bare_name,
+       quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS qualified_name,
        pg_total_relation_size(c.oid) AS total_bytes,
        pg_relation_size(c.oid) AS heap_bytes,
        pg_indexes_size(c.oid) AS index_bytes,
@@ -157,11 +160,24 @@ ORDER BY bytes DESC
 """
 
 # pgstattuple_approx skips pages the visibility map says are all-visible (their free space
-# comes from the free space map), so it reads only what vacuum has not yet cleaned.
-PGSTATTUPLE_SQL = """
-SELECT table_len AS relation_bytes, approx_tuple_count AS live_tuples, approx_tuple_len AS live_tuple_bytes
-FROM {schema}.pgstattuple_approx(CAST(:oid AS oid))
-"""
+# comes from the free space map), so it reads only what vacuum has not yet cleaned: its dead
+# rows are counted, its live rows on skipped pages estimated. pgstattuple reads every page
+# and counts both.
+PGSTATTUPLE_SQL = {
+    "pgstattuple_approx": """
+        SELECT table_len AS relation_bytes, approx_tuple_count AS live_tuples,
+               approx_tuple_len AS live_tuple_bytes, dead_tuple_count AS dead_tuples
+        FROM {schema}.pgstattuple_approx(CAST(:oid AS oid))
+    """,
+    "pgstattuple": """
+        SELECT table_len AS relation_bytes, tuple_count AS live_tuples,
+               tuple_len AS live_tuple_bytes, dead_tuple_count AS dead_tuples
+        FROM {schema}.pgstattuple(CAST(CAST(:oid AS oid) AS regclass))
+    """,
+}
+PgstattupleFunction = Literal["pgstattuple_approx", "pgstattuple"]
+
+COUNT_SQL = "SELECT count(*) AS live_rows FROM {table}"
 
 
 async def read_server(connection: AsyncConnection) -> dict[str, Any]:
@@ -170,18 +186,23 @@ async def read_server(connection: AsyncConnection) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TableStorage:
-    """Where a table's bytes live, for pgstattuple: its oid, its TOAST table's, its fillfactor."""
+    """Where a table's bytes live, for pgstattuple: its oid, its TOAST table's, its fillfactor;
+    and its schema-qualified name, for count(*)."""
 
     oid: int
     toast_oid: int | None
     fillfactor: int
+    qualified_name: str
 
 
 async def read_tables(
     connection: AsyncConnection, server: dict[str, Any]
 ) -> tuple[list[TableFigures], dict[str, TableStorage]]:
     rows = await rows_of(connection, TABLES_SQL)
-    storage = {row["name"]: TableStorage(row["oid"], row["toast_oid"], row["fillfactor"]) for row in rows}
+    storage = {
+        row["name"]: TableStorage(row["oid"], row["toast_oid"], row["fillfactor"], row["qualified_name"])
+        for row in rows
+    }
     return [_table_figures(row, server) for row in rows], storage
 
 
@@ -193,25 +214,44 @@ async def read_indexes(connection: AsyncConnection, server: dict[str, Any]) -> l
 async def confirm_with_pgstattuple(
     connection: AsyncConnection, table: TableFigures, storage: TableStorage, server: dict[str, Any]
 ) -> None:
-    """Replace the table's estimate by the pgstattuple_approx figure (heap and TOAST)."""
-    statement = PGSTATTUPLE_SQL.format(schema=server["pgstattuple_schema"])
-    relations = []
-    for oid, relation_fillfactor in ((storage.oid, storage.fillfactor), (storage.toast_oid, 100)):
-        if oid is None:
-            continue
-        row = (await rows_of(connection, statement, {"oid": oid}))[0]
-        relations.append(
-            (
-                int(row["relation_bytes"]),
-                int(row["live_tuples"]),
-                int(row["live_tuple_bytes"]),
-                relation_fillfactor,
-            )
-        )
+    """Replace the table's estimates by the pgstattuple_approx figures (heap and TOAST)."""
+    await _measure(connection, table, storage, server, "pgstattuple_approx")
+
+
+async def count_small_table(
+    connection: AsyncConnection, table: TableFigures, storage: TableStorage, server: dict[str, Any]
+) -> None:
+    """Exact rows (and, with pgstattuple, exact dead rows and bloat) of a table small enough
+    that reading all of it costs nothing."""
+    if server["pgstattuple_schema"] is not None:
+        await _measure(connection, table, storage, server, "pgstattuple")
+        return
+    statement = COUNT_SQL.format(table=storage.qualified_name)
+    live = (await rows_of(connection, statement))[0]["live_rows"]
+    table.record_rows(live, table.dead_rows, "count")
+
+
+async def _measure(
+    connection: AsyncConnection,
+    table: TableFigures,
+    storage: TableStorage,
+    server: dict[str, Any],
+    function: PgstattupleFunction,
+) -> None:
+    statement = PGSTATTUPLE_SQL[function].format(schema=server["pgstattuple_schema"])
+    measured = [
+        ((await rows_of(connection, statement, {"oid": oid}))[0], relation_fillfactor)
+        for oid, relation_fillfactor in ((storage.oid, storage.fillfactor), (storage.toast_oid, 100))
+        if oid is not None
+    ]
+    relations = [
+        (int(row["relation_bytes"]), int(row["live_tuples"]), int(row["live_tuple_bytes"]), fillfactor)
+        for row, fillfactor in measured
+    ]
     table.estimated_bloat_percent = table.bloat_percent
-    table.record_bloat(
-        measured_table_bloat(block_size=server["block_size"], relations=relations), "pgstattuple_approx"
-    )
+    table.record_bloat(measured_table_bloat(block_size=server["block_size"], relations=relations), function)
+    heap = measured[0][0]
+    table.record_rows(int(heap["live_tuples"]), int(heap["dead_tuples"]), function)
 
 
 def _table_figures(row: dict[str, Any], server: dict[str, Any]) -> TableFigures:
@@ -222,9 +262,6 @@ def _table_figures(row: dict[str, Any], server: dict[str, Any]) -> TableFigures:
         heap_bytes=row["heap_bytes"],
         index_bytes=row["index_bytes"],
         toast_bytes=row["toast_bytes"],
-        live_rows=live,
-        dead_rows=dead,
-        dead_percent=round(100.0 * dead / (live + dead), 1) if live is not None and live + dead > 0 else None,
         last_vacuum=row["last_vacuum"],
         last_autovacuum=row["last_autovacuum"],
         last_analyze=row["last_analyze"],
@@ -233,6 +270,7 @@ def _table_figures(row: dict[str, Any], server: dict[str, Any]) -> TableFigures:
         changes_since_vacuum=(dead or 0) + (row["inserted_since_vacuum"] or 0) if live is not None else None,
         prefect_table=row["bare_name"] in PREFECT_BIG_TABLES,
     )
+    figures.record_rows(live, dead, "statistics")
     # Autovacuum's own trigger: dead rows above threshold + scale factor x rows.
     threshold = row["vacuum_threshold"] if row["vacuum_threshold"] is not None else server["vacuum_threshold"]
     scale = (

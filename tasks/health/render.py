@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from tasks.health.checks import CHECKS
-from tasks.health.framework import InformationOnly
+from tasks.health.framework import InformationOnly, with_unit
 from tasks.health.history import TABLE_KEY, table_artifact_description
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, TableFigures
 from tasks.reports import ReportArtifacts, human_bytes, markdown_table
@@ -60,6 +60,7 @@ def table_rows(report: HealthReport) -> list[dict[str, Any]]:
             "live_rows": table.live_rows,
             "dead_rows": table.dead_rows,
             "dead_percent": table.dead_percent,
+            "rows_counted_by": table.rows_method,
             "bloat_percent": table.bloat_percent,
             "bloat_bytes": table.bloat_bytes,
             "bloat_method": table.bloat_method,
@@ -106,8 +107,8 @@ def _flags(flags: list[Flag]) -> str:
             SEVERITY_BADGES[flag.severity],
             flag.check,
             flag.object,
-            _with_unit(flag.value, flag.unit),
-            _with_unit(flag.threshold, flag.unit),
+            flag.shown,
+            with_unit(flag.threshold, flag.unit),
             flag.advice,
         )
         for flag in sorted(raised, key=lambda flag: SEVERITY_ORDER[flag.severity])
@@ -118,11 +119,7 @@ def _flags(flags: list[Flag]) -> str:
 
 
 def _information(flags: list[Flag]) -> str:
-    rows = [
-        (flag.check, flag.object, _with_unit(flag.value, flag.unit), flag.advice)
-        for flag in flags
-        if flag.severity == "info"
-    ]
+    rows = [(flag.check, flag.object, flag.shown, flag.advice) for flag in flags if flag.severity == "info"]
     if not rows:
         return ""
     return "## For information\n\n" + markdown_table(
@@ -170,11 +167,18 @@ SIZE_COLUMNS: tuple[Column, ...] = (
     ("wasted", lambda table: human_bytes(table.bloat_bytes), False),
     ("bloat method", lambda table: _method(table), False),
 )
+# An estimate is marked `~`; a figure without the mark is exact.
+ESTIMATE_MARK = "~"
 ROW_COLUMNS: tuple[Column, ...] = (
     NAME_COLUMN,
-    ("live rows (estimate)", lambda table: _count(table.live_rows), False),
-    ("dead rows (estimate)", lambda table: _count(table.dead_rows), True),
-    ("dead %", lambda table: _percent(table.dead_percent), True),
+    ("live rows", lambda table: _rows(table.live_rows, table.live_rows_exact), False),
+    ("dead rows", lambda table: _rows(table.dead_rows, table.dead_rows_exact), True),
+    (
+        "dead %",
+        lambda table: _rows(table.dead_percent, table.live_rows_exact and table.dead_rows_exact, "%"),
+        True,
+    ),
+    ("counted by", lambda table: ROWS_METHODS[table.rows_method], False),
     (
         "last vacuum",
         lambda table: (
@@ -204,7 +208,39 @@ def _tables(report: HealthReport) -> str:
         + "\n\nBloat % is wasted space as a share of what the live rows need: 100% means twice the needed size."
         + "\n\n### Rows and vacuum\n\n"
         + table_of(ROW_COLUMNS)
-        + "\n\nRow counts are PostgreSQL's statistics (`pg_stat_user_tables`), as of the last vacuum or analyze."
+        + "\n\n"
+        + _rows_legend(report)
+    )
+
+
+# What each way of counting rows is called in the report, and what it counts.
+ROWS_METHODS = {
+    "statistics": "statistics",
+    "count": "count(*)",
+    "pgstattuple_approx": "pgstattuple_approx",
+    "pgstattuple": "pgstattuple",
+}
+
+
+def _rows_legend(report: HealthReport) -> str:
+    """Which row counts are exact and which are estimates, for the methods this report used."""
+    if report.backend != "postgresql":
+        return "Live rows are counted exactly (count(*))."
+    used = {table.rows_method for table in _shown_tables(report)}
+    explained = {
+        "statistics": "statistics: PostgreSQL's estimates (`pg_stat_user_tables`), as of its last vacuum or "
+        "analyze",
+        "count": f"count(*): tables under {report.minimum_megabytes:g} MB (minimum_megabytes), live rows "
+        "counted, dead rows from the statistics (pgstattuple is not installed)",
+        "pgstattuple": f"pgstattuple: tables under {report.minimum_megabytes:g} MB (minimum_megabytes), "
+        "live and dead rows counted",
+        "pgstattuple_approx": "pgstattuple_approx (exact=true): dead rows counted, live rows estimated on "
+        "the pages it skips",
+    }
+    return (
+        f"A figure marked {ESTIMATE_MARK} is an estimate, any other is exact. Counted by: "
+        + "; ".join(explained[method] for method in ROWS_METHODS if method in used)
+        + "."
     )
 
 
@@ -264,18 +300,6 @@ def _severity_counts(flags: list[Flag]) -> str:
     return " · ".join(f"{count} {severity}" for severity, count in counts.items() if count) or "no flags"
 
 
-def _with_unit(value: Any, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit == "bytes" and isinstance(value, int | float):
-        return human_bytes(value)
-    if isinstance(value, float):
-        value = f"{value:,.1f}".removesuffix(".0")
-    elif isinstance(value, int):
-        value = f"{value:,}"
-    return f"{value}{unit}" if unit in ("%", "s", "h") else f"{value} {unit}".strip()
-
-
 def _method(table: TableFigures) -> str:
     if table.bloat_method == "pgstattuple_approx" and table.estimated_bloat_percent is not None:
         return f"pgstattuple_approx (estimate {table.estimated_bloat_percent:g}%)"
@@ -292,6 +316,12 @@ def _moment(moment: datetime | None) -> str:
 
 def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
+
+
+def _rows(value: float | None, exact: bool, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return ("" if exact else ESTIMATE_MARK) + with_unit(value, unit)
 
 
 def _percent(value: float | None) -> str:

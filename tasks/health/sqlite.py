@@ -83,6 +83,7 @@ async def read_tables_and_indexes(
             heap_bytes=0,
             index_bytes=index_bytes,
             live_rows=live_rows,
+            rows_method="count",
             prefect_table=name in PREFECT_BIG_TABLES,
         )
         _figures_of(table, pages, page_size)

@@ -23,7 +23,7 @@ from tasks.health.history import apply_growth, read_previous_report
 from tasks.health.models import SEVERITY_ORDER, Flag, HealthReport, PreviousReport, verdict_of
 from tasks.health.thresholds import HealthParameters
 from tasks.prefect_api import PrefectApiError
-from tasks.reports import Progress
+from tasks.reports import Progress, plural
 from tasks.settings import get_settings
 
 PGSTATTUPLE_MISSING = (
@@ -58,6 +58,7 @@ async def survey_database(
         generated_at=datetime.now(UTC),
         exact=parameters.exact,
         top_n=parameters.top_n,
+        minimum_megabytes=parameters.thresholds.minimum_megabytes,
     )
     if settings.database_url is None:
         report.flags.append(_unreachable(report, "no database URL is configured (MAINTENANCE_DATABASE_URL)"))
@@ -75,9 +76,9 @@ async def survey_database(
                 else:
                     await _survey_sqlite(context)
                 logger.info(
-                    "Surveyed %d tables and %d indexes of the %s",
-                    len(report.tables),
-                    len(report.indexes),
+                    "Surveyed %s and %s of the %s",
+                    plural(len(report.tables), "table"),
+                    plural(len(report.indexes), "index", "indexes"),
                     report.database,
                 )
                 await run_checks(context, CHECKS, progress=progress.span(checked_from, 100))
@@ -100,6 +101,7 @@ async def _survey_postgresql(
     report.deadlocks = context.server["deadlocks"]
     report.tables, storage = await postgres.read_tables(connection, context.server)
     report.indexes = await postgres.read_indexes(connection, context.server)
+    await _count_small_tables(context, storage)
     if parameters.exact:
         await _confirm_with_pgstattuple(context, storage, parameters.top_n, progress)
     unmeasured = [
@@ -107,8 +109,27 @@ async def _survey_postgresql(
     ]
     if unmeasured:
         report.notes.append(
-            f"No bloat figure for {len(unmeasured)} tables without planner statistics (never analyzed, or "
-            f"their columns are not readable by this role): {', '.join(unmeasured[:10])}."
+            f"No bloat figure for {plural(len(unmeasured), 'table')} without planner statistics (never "
+            f"analyzed, or their columns are not readable by this role): {', '.join(unmeasured[:10])}."
+        )
+
+
+async def _count_small_tables(context: HealthContext, storage: dict[str, postgres.TableStorage]) -> None:
+    """Exact rows for every table below minimum_megabytes: reading one costs less than a
+    statistics estimate misleads (a table of 24 rows shown as 1 live and 25 dead)."""
+    uncounted = []
+    for table in context.report.tables:
+        if table.total_bytes >= context.thresholds.minimum_bytes:
+            continue
+        try:
+            await postgres.count_small_table(context.connection, table, storage[table.name], context.server)
+        except Exception as error:
+            uncounted.append(f"{table.name} ({describe_error(error)})")
+    if uncounted:
+        context.report.notes.append(
+            f"{plural(len(uncounted), 'small table')} not counted, their rows are estimates: "
+            + "; ".join(uncounted[:5])
+            + ("; ..." if len(uncounted) > 5 else "")
         )
 
 

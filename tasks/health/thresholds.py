@@ -32,7 +32,8 @@ class Thresholds(BaseModel):
         10,
         ge=0,
         description="Tables and indexes smaller than this are listed but never flagged for bloat, "
-        "dead rows, unused indexes or foreign keys without an index.",
+        "dead rows, unused indexes or foreign keys without an index; their rows are counted exactly "
+        "(pgstattuple, else count(*)), since reading them costs next to nothing.",
     )
     connections_percent: float = Field(
         80, ge=0, description="Connections as % of max_connections: warning at."

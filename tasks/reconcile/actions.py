@@ -37,6 +37,7 @@ from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.report import Outcome, RuleReport, RunAction
 from tasks.reconcile.rules import DELETE, STATE_NAMES, Rule, Verdict
 from tasks.reconcile.unreadable import UnreadableRun, find_unreadable_running_runs
+from tasks.reports import plural
 from tasks.settings import get_settings
 
 RECONCILED_EVENT = "prefect-maintenance.run.reconciled"
@@ -61,7 +62,7 @@ async def end_stuck_runs(
             try:
                 await _act_on_batch(client, rule, batch, parameters.dry_run, report)
             except Exception as error:  # a failed re-read skips its batch, not the pass
-                report.notes.append(f"a batch of {len(batch)} runs failed: {error_reason(error)}")
+                report.notes.append(f"a batch of {plural(len(batch), 'run')} failed: {error_reason(error)}")
                 recorded = {action.run_id for action in report.runs}
                 for candidate in batch:
                     if candidate.run.run_id not in recorded:
@@ -280,7 +281,7 @@ async def _repair_unreadable(
     report.left += min(expected, still_unreadable) - handled
     if dry_run:
         report.fixed += handled
-        report.notes.append(f"{handled} runs would be repaired; their ids show once they are")
+        report.notes.append(f"{plural(handled, 'run')} would be repaired; their ids show once they are")
         return
     excluded = [row["id"] for row in readable]
     message = state_message(rule, _UNREADABLE_VERDICT.seen)

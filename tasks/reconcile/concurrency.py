@@ -307,7 +307,8 @@ async def _correct(
         change = await _apply(client, current)
         if change:
             applied.append(change)
-    reason = f"still {current.difference:+d} slots off while runs kept moving; the next pass looks again"
+    off = "slot" if abs(current.difference) == 1 else "slots"
+    reason = f"still {current.difference:+d} {off} off while runs kept moving; the next pass looks again"
     return _correction(first, current, "skipped", reason, applied)
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from tasks.database import describe_error
 from tasks.reconcile.parameters import ReconcileParameters
 from tasks.reconcile.rules import Rule
-from tasks.reports import ReportArtifacts, markdown_table, run_link
+from tasks.reports import ReportArtifacts, markdown_table, plural, run_link
 
 REPORT_KEY = "reconcile-report"
 RUNS_TABLE_KEY = "reconcile-report-runs"
@@ -176,7 +176,7 @@ class ReconcileReport(BaseModel):
         verb = "would fix" if self.dry_run else "fixed"
         failed = self.failed_rules()
         return (
-            f"found {self.found} stuck runs, {verb} {self.fixed}, skipped {self.skipped}, "
+            f"found {plural(self.found, 'stuck run')}, {verb} {self.fixed}, skipped {self.skipped}, "
             f"left {self.left} for the next pass, in {self.seconds:.1f} s"
             + (f"; rules that failed: {', '.join(failed)}" if failed else "")
         )
@@ -214,7 +214,7 @@ class ReconcileReport(BaseModel):
             f"# Reconcile stuck runs{' (dry run: nothing was changed)' if self.dry_run else ''}",
             "",
             f"{self.summary().capitalize()}.",
-            f"Detection: {self.detection_note}. At most {self.max_actions} actions per pass.",
+            f"Detection: {self.detection_note}. At most {plural(self.max_actions, 'action')} per pass.",
             "",
             # Numbers first: at any width the counts are on screen; what each rule finds and
             # sets is the legend below.
@@ -235,30 +235,49 @@ class ReconcileReport(BaseModel):
             if rule.error:
                 lines += ["", f"**{rule.title} failed**: {rule.error}"]
             if rule.unreadable:
-                lines += ["", f"{rule.title}: {rule.unreadable} runs could not be read through the API."]
+                lines += [
+                    "",
+                    f"{rule.title}: {plural(rule.unreadable, 'run')} could not be read through the API.",
+                ]
             lines += [f"\n{rule.title}: {note}." for note in rule.notes]
             if rule.limits:
-                lines += ["", f"## {rule.title}", "", _limits_table(rule.limits)]
+                lines += [
+                    "",
+                    f"## {rule.title}",
+                    "",
+                    _limits_table(rule.limits),
+                    "",
+                    _limits_legend(rule.limits),
+                ]
             if not rule.runs:
                 continue
             shown = rule.runs[:MARKDOWN_RUNS_PER_RULE]
+            # Table cells never wrap in the UI: the table holds the short columns, and what was
+            # seen (and why a run was skipped) follows as a list, which wraps.
             lines += [
                 "",
                 f"## {rule.title}",
                 "",
                 markdown_table(
-                    ["outcome", "from", "to", "run", "flow", "seen"],
+                    ["outcome", "from", "to", "run", "flow"],
                     (
                         (
-                            action.outcome + (f": {action.reason}" if action.reason else ""),
+                            action.outcome,
                             action.from_state,
                             action.to_state,
                             run_link(action.run_name, action.run_id, action.run_kind.replace("_", "-")),
                             action.flow_name or "",
-                            action.seen,
                         )
                         for action in shown
                     ),
+                ),
+                "",
+                "Seen:",
+                "",
+                *(
+                    f"- **{action.run_name}**: {action.seen}"
+                    + (f"; {action.outcome}: {action.reason}" if action.reason else "")
+                    for action in shown
                 ),
             ]
             if len(rule.runs) > len(shown):
@@ -268,7 +287,7 @@ class ReconcileReport(BaseModel):
 
 def _limits_table(corrections: list[SlotCorrection]) -> str:
     return markdown_table(
-        ["limit", "deployment", "allows", "slots before", "slots after", "held by", "change", "outcome"],
+        ["limit", "deployment", "allows", "slots before", "slots after", "change", "outcome"],
         (
             (
                 f"`{correction.limit_name}`",
@@ -276,13 +295,21 @@ def _limits_table(corrections: list[SlotCorrection]) -> str:
                 correction.limit,
                 correction.slots_before,
                 correction.slots_after,
-                ", ".join(f"{holder.run_name} ({holder.state_name})" for holder in correction.holders)
-                or "no run",
                 correction.change,
-                correction.outcome + (f": {correction.reason}" if correction.reason else ""),
+                correction.outcome,
             )
             for correction in corrections
         ),
+    )
+
+
+def _limits_legend(corrections: list[SlotCorrection]) -> str:
+    """Who holds each limit's slots (and why one was skipped): a list, which wraps."""
+    return "Held by:\n\n" + "\n".join(
+        f"- `{correction.limit_name}`: "
+        + (", ".join(f"{holder.run_name} ({holder.state_name})" for holder in correction.holders) or "no run")
+        + (f"; {correction.outcome}: {correction.reason}" if correction.reason else "")
+        for correction in corrections
     )
 
 

@@ -54,6 +54,7 @@ from tasks.prefect_api import (
     server_version,
     version_text,
 )
+from tasks.reports import plural
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
 from tasks.retention.rate_limit import Throttle
@@ -557,6 +558,8 @@ class ApiEngine:
         sweep = "until a retention run with database access and include_orphans sweeps them."
         if dry_run:
             return [
-                f"API engine: {server}: the logs of the {self.runs_with_logs_left} runs to delete would stay {sweep}"
+                f"API engine: {server}: the logs of the {plural(self.runs_with_logs_left, 'run')} to delete would stay {sweep}"
             ]
-        return [f"API engine: {server}: the logs of the {self.runs_with_logs_left} deleted runs stay {sweep}"]
+        return [
+            f"API engine: {server}: the logs of the {plural(self.runs_with_logs_left, 'deleted run')} stay {sweep}"
+        ]

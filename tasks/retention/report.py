@@ -187,17 +187,26 @@ class RetentionReport(BaseModel):
         verb = "would delete" if self.dry_run else "deleted"
         title = "Retention dry run" if self.dry_run else "Retention"
         gone = "a real run would delete" if self.dry_run else "deleted"
+        ages = ", ".join(
+            f"{state} {days:g} {'day' if days == 1 else 'days'}"
+            for state, days in self.days_per_state.items()
+        )
+        slowed = f", slowed down {plural(self.slowdowns, 'time')}" if self.slowdowns else ""
         lines = [
             f"# {title}: {verb} {plural(self.flow_runs_deleted, 'flow run')}",
             "",
             f"- engine: **{self.engine}** ({self.database})",
-            f"- ages: {', '.join(f'{state} {days:g} days' for state, days in self.days_per_state.items())}",
+            f"- ages: {ages}",
             f"- {plural(self.batches, 'batch', 'batches')} in {self.seconds:,.1f} s "
             f"({self.runs_per_second:,.1f} runs/s; limit "
             f"{f'{self.max_runs_per_second:g} runs/s' if self.max_runs_per_second else 'none'}"
-            f"{f', slowed down {self.slowdowns} times' if self.slowdowns else ''})",
+            f"{slowed})",
             f"- stopped: **{self.stopped_reason}**"
-            + (f", {self.remaining:,} expired top-level runs remain" if self.remaining else ""),
+            + (
+                f", {plural(self.remaining, 'expired top-level run')} {'remains' if self.remaining == 1 else 'remain'}"
+                if self.remaining
+                else ""
+            ),
         ]
         if self.vacuumed_tables:
             lines.append(f"- maintained afterwards (VACUUM/ANALYZE): {', '.join(self.vacuumed_tables)}")

@@ -26,6 +26,7 @@ INDEX_BLOAT = Check(
     AboveThreshold("index_bloat_percent"),
     "{wasted} wasted (estimate). REINDEX INDEX CONCURRENTLY {object};",
     unit="%",
+    shows="{value} bloat (estimate)",
 )
 
 
@@ -59,6 +60,7 @@ UNUSED_INDEXES = Check(
     "Never scanned since {since}, yet every write to {table} maintains it. If that period is "
     "representative: DROP INDEX CONCURRENTLY {object};",
     unit="bytes",
+    shows="{value} index, 0 scans",
 )
 
 DUPLICATE_INDEXES_SQL = """
@@ -93,6 +95,7 @@ DUPLICATE_INDEXES = Check(
     EveryRow("warning"),
     "Identical to {twin}: DROP INDEX CONCURRENTLY {object};",
     unit="bytes",
+    shows="{value} index",
 )
 
 
@@ -108,6 +111,7 @@ INVALID_INDEXES = Check(
     "Left behind by a failed CREATE INDEX CONCURRENTLY: maintained on every write to {table}, never "
     "used. REINDEX INDEX CONCURRENTLY {object}; (or DROP INDEX CONCURRENTLY {object};)",
     unit="bytes",
+    shows="{value} index",
 )
 
 # A foreign key whose columns do not lead some index makes every delete on the referenced
@@ -146,6 +150,7 @@ FOREIGN_KEYS_WITHOUT_INDEX = Check(
     "Deleting from {referenced_table} scans {table_name} for each row: "
     "CREATE INDEX CONCURRENTLY {index_name} ON {table_name} ({columns});",
     unit="bytes",
+    shows="{value} table",
 )
 
 CHECKS = (INDEX_BLOAT, UNUSED_INDEXES, DUPLICATE_INDEXES, INVALID_INDEXES, FOREIGN_KEYS_WITHOUT_INDEX)

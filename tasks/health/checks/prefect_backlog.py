@@ -36,11 +36,12 @@ from tasks.health.cleanup_settings import (
     run_vacuum,
     setting,
 )
-from tasks.health.framework import Check, HealthContext, InformationOnly, Row, WhenPositive
+from tasks.health.framework import Check, HealthContext, InformationOnly, Row, WhenPositive, with_unit
 from tasks.health.statements import rows_of
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.concurrency import HOLDING_STATES, DeploymentSlots, read_deployment_slots
 from tasks.reconcile.passes import count_stuck_runs
+from tasks.reports import plural
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.selection import count_expired_top_level_runs
 
@@ -78,7 +79,7 @@ async def _prefect_settings(context: HealthContext) -> dict[str, Any] | None:
 
 
 async def _expired_runs(context: HealthContext) -> list[Row]:
-    retention = f"{RetentionParameters().older_than_days:g} days"
+    retention = with_unit(RetentionParameters().older_than_days, "day")
     count = await _within_budget(context, "Runs past the default retention", count_expired_top_level_runs())
     if count is None:
         return [{"object": "top-level flow runs", "value": "not counted", "retention": retention}]
@@ -101,10 +102,10 @@ EXPIRED_RUNS = Check(
     "Runs past the default retention",
     _expired_runs,
     WhenPositive("info"),
-    "{value} finished top-level runs (with their subflows) are older than the default "
-    "retention ({retention}). "
-    "Run the retention deployment (a dry run first: dry_run=true); {server_vacuum}",
-    unit="runs",
+    "Finished top-level runs (with their subflows) older than the default retention ({retention}): "
+    "{value}. Run the retention deployment (a dry run first: dry_run=true); {server_vacuum}",
+    unit="run",
+    shows="{value} past retention",
     backends=("postgresql", "sqlite"),
 )
 
@@ -121,9 +122,9 @@ STUCK_RUNS = Check(
     "Stuck runs",
     _stuck_runs,
     WhenPositive("warning"),
-    "{value} runs match the reconcile rule '{object}'. Run the reconcile-stuck-runs deployment "
+    "Runs the reconcile rule '{object}' finds: {value}. Run the reconcile-stuck-runs deployment "
     "(a dry run first: dry_run=true).",
-    unit="runs",
+    unit="stuck run",
     backends=("postgresql", "sqlite"),
 )
 
@@ -190,15 +191,15 @@ def _deployment_row(slots: DeploymentSlots, now: datetime, minutes: float) -> di
     if shortfall:
         row["value"] = shortfall
         row["advice"] = (
-            f"{len(slots.holders)} runs hold it but {slots.active_slots} slots are counted: "
-            f"{slots.deployment_name} admits {shortfall} run(s) beyond its limit of {slots.limit} "
+            f"Runs holding it: {len(slots.holders)}, slots counted: {slots.active_slots}: "
+            f"{slots.deployment_name} admits {plural(shortfall, 'run')} beyond its limit of {slots.limit} "
             "(a dead run was ended after the server had taken its slot back). Run the "
             "reconcile-stuck-runs deployment now: its rule concurrency-slots restores the count."
         )
     elif excess and quiet is not None and quiet > minutes:
         row["value"] = excess
         row["advice"] = (
-            f"{excess} of {slots.active_slots} slots are held by no run, unchanged for {quiet:.0f} min: "
+            f"{excess} of {plural(slots.active_slots, 'slot')} held by no run, unchanged for {quiet:.0f} min: "
             f"runs of {slots.deployment_name} wait for them. Run the reconcile-stuck-runs deployment "
             "(a dry run first: dry_run=true): its rule concurrency-slots frees them."
         )
@@ -219,7 +220,7 @@ def _global_row(limit: dict[str, Any], live_runs: int, now: datetime, minutes: f
     if limit["active"] and limit["active_slots"] and not live_runs and quiet is not None and quiet > minutes:
         row["value"] = limit["active_slots"]
         row["advice"] = (
-            f"{limit['active_slots']} slots taken while no flow or task run is live, unchanged for "
+            f"{plural(limit['active_slots'], 'slot')} taken while no flow or task run is live, unchanged for "
             f"{quiet:.0f} min: leaked (a server restart forgets who held them, and nothing gives "
             "them back). Free them by hand: POST /api/v2/concurrency_limits/decrement with "
             f'{{"names": ["{limit["name"]}"], "slots": {limit["active_slots"]}}}. ' + LEASE_STORAGE_ADVICE
@@ -233,7 +234,8 @@ CONCURRENCY_SLOTS = Check(
     _concurrency_limits,
     WhenPositive("warning", threshold_keys=("leaked_slot_minutes",)),
     "{advice}",
-    unit="slots",
+    unit="slot",
+    shows="{value} to correct",
 )
 
 OLDEST_EVENT_SQL = "SELECT min(occurred) AS oldest FROM events"
@@ -261,7 +263,8 @@ async def _events_past_retention(context: HealthContext) -> list[Row]:
         return [{**row, "value": NOT_KNOWN}]
     # The trimming service runs once per interval; an event up to one interval past retention is on schedule.
     overdue = timedelta(0) if oldest is None else context.now - oldest - retention - trimming.interval
-    return [{**row, "value": round(max(overdue.total_seconds(), 0) / 86400, 1)}]
+    days_overdue = round(max(overdue.total_seconds(), 0) / 86400, 1)
+    return [{**row, "value": days_overdue, "overdue": with_unit(days_overdue, "day")}]
 
 
 def _as_datetime(value: Any) -> datetime | None:
@@ -277,10 +280,11 @@ EVENTS_PAST_RETENTION = Check(
     "Events older than their retention",
     _events_past_retention,
     WhenPositive("warning"),
-    "The oldest event ({oldest}) is {value} days past the event retention ({retention}): Prefect's "
+    "The oldest event ({oldest}) is {overdue} past the event retention ({retention}): Prefect's "
     "event trimming ({trimmed_by}) is not running. {trimming_advice}, or run the retention flow with "
     "events_older_than_days.",
-    unit="days",
+    unit="day",
+    shows="{value} overdue",
     backends=("postgresql", "sqlite"),
 )
 

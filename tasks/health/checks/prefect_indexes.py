@@ -114,6 +114,7 @@ MISSING_PREFECT_INDEXES = Check(
     "Prefect {added_in} adds this index to {value} (migration {revision}); without it its queries and "
     "retention's deletes scan the table. Create it now, exactly as that migration does (the upgrade then "
     "skips it): {statement}",
+    shows="missing on {value}",
 )
 
 INDEXES_AWAITING_UPGRADE = Check(
@@ -124,6 +125,7 @@ INDEXES_AWAITING_UPGRADE = Check(
     "Prefect {added_in} builds this index on {value} (migration {revision}) with a plain CREATE INDEX: do "
     "not create it by hand, the upgrade would fail on it. Upgrading the server builds it (it locks "
     "{value} against writes while it does).",
+    shows="missing on {value}",
 )
 
 CHECKS = (MISSING_PREFECT_INDEXES, INDEXES_AWAITING_UPGRADE)

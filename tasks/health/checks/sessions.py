@@ -38,6 +38,7 @@ CONNECTIONS = Check(
     "server process holds up to PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE + "
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW connections: lower them, or put PgBouncer in front.",
     unit="%",
+    shows="{value} of max_connections",
 )
 
 CONNECTIONS_BY_CLIENT_SQL = """
@@ -83,6 +84,7 @@ IDLE_IN_TRANSACTION = Check(
     "End it: SELECT pg_terminate_backend({pid}); prevent it: "
     "ALTER ROLE {user_name} SET idle_in_transaction_session_timeout = '5min';",
     unit="s",
+    shows="{value} idle in a transaction",
 )
 
 # pg_locks.waitstart says when the wait began; pg_blocking_pids who is in the way.
@@ -114,6 +116,7 @@ BLOCKED_QUERIES = Check(
     "pid {pid} ({query}) waits for pid {blocking_pids}: {blocking_query}. If the blocker is stuck: "
     "SELECT pg_terminate_backend({first_blocking_pid});",
     unit="s",
+    shows="{value} waiting for a lock",
 )
 
 LONG_TRANSACTIONS_SQL = f"""
@@ -141,6 +144,7 @@ LONG_TRANSACTIONS = Check(
     "pid {pid} ({user_name}, {application}, {state}): {query}. It holds back vacuum everywhere; "
     "if it should not run this long: SELECT pg_cancel_backend({pid});",
     unit="s",
+    shows="{value} since the transaction began",
 )
 
 LOCKS_SQL = """
@@ -184,10 +188,10 @@ DEADLOCKS = Check(
     "Deadlocks",
     _new_deadlocks,
     AboveThreshold("deadlocks"),
-    "{value} deadlocks {window} ({total} in all). SET log_lock_waits = on and read 'deadlock detected' "
+    "Deadlocks {window}: {value} ({total} in all). SET log_lock_waits = on and read 'deadlock detected' "
     "in the server log. Prefect workers polling one work queue deadlock on UPDATE deployment SET "
     "last_polled: run one worker per queue with a queue concurrency limit.",
-    unit="deadlocks",
+    unit="new deadlock",
 )
 
 XMIN_HOLDERS_SQL = """
@@ -220,9 +224,10 @@ INACTIVE_REPLICATION_SLOTS = Check(
     "Inactive replication slots",
     sql(INACTIVE_SLOTS_SQL),
     EveryRow("warning"),
-    "It holds the xmin horizon ({value} transactions behind) and WAL. If nothing consumes it any more: "
+    "It holds the xmin horizon (transactions behind: {value}) and WAL. If nothing consumes it any more: "
     "SELECT pg_drop_replication_slot('{slot_name}');",
-    unit="transactions",
+    unit="transaction",
+    shows="{value} behind",
 )
 
 PREPARED_TRANSACTIONS_SQL = """
@@ -239,6 +244,7 @@ PREPARED_TRANSACTIONS = Check(
     AboveThreshold("long_transaction_seconds"),
     "It holds locks and the xmin horizon: COMMIT PREPARED '{gid}'; or ROLLBACK PREPARED '{gid}';",
     unit="s",
+    shows="{value} since it was prepared",
 )
 
 CHECKS = (

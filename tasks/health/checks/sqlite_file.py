@@ -31,6 +31,7 @@ SQLITE_FREE_PAGES = Check(
     "it needs free disk about the size of the file), or PRAGMA auto_vacuum = INCREMENTAL; "
     "then VACUUM; once, after which PRAGMA incremental_vacuum; frees pages without a rewrite.",
     unit="%",
+    shows="{value} of the file free",
     backends=("sqlite",),
 )
 

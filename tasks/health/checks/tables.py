@@ -47,6 +47,7 @@ TABLE_BLOAT = Check(
         "(stop the Prefect server first; it needs free disk about the size of the file).",
     },
     unit="%",
+    shows="{value} bloat",
     backends=("postgresql", "sqlite"),
 )
 
@@ -54,7 +55,12 @@ TABLE_BLOAT = Check(
 def _table_with_dead_rows(table: TableFigures, context: HealthContext) -> Row | None:
     if table.dead_percent is None or table.total_bytes < context.thresholds.minimum_bytes:
         return None
-    return {"object": table.name, "value": table.dead_percent, "dead_rows": table.dead_rows}
+    return {
+        "object": table.name,
+        "value": table.dead_percent,
+        "dead_rows": f"{table.dead_rows:,}" if table.dead_rows is not None else "-",
+        "counted": "counted" if table.dead_rows_exact else f"estimate of {table.rows_method}",
+    }
 
 
 DEAD_TUPLES = Check(
@@ -62,9 +68,10 @@ DEAD_TUPLES = Check(
     "Dead rows",
     each_table(_table_with_dead_rows),
     AboveThreshold("dead_tuple_percent"),
-    "{dead_rows} dead rows. VACUUM (ANALYZE) {object}; and see what keeps autovacuum behind "
-    "(long transactions hold the xmin horizon: see 'xmin horizon holders').",
+    "Dead rows: {dead_rows} ({counted}). VACUUM (ANALYZE) {object}; and see what keeps autovacuum "
+    "behind (long transactions hold the xmin horizon: see 'xmin horizon holders').",
     unit="%",
+    shows="{value} dead rows",
 )
 
 AUTOVACUUM_SERVER_SQL = """
@@ -80,6 +87,7 @@ AUTOVACUUM_OFF = Check(
     EveryRow("critical"),
     "ALTER SYSTEM SET {object} = on; SELECT pg_reload_conf(); (on RDS: the parameter group). "
     "Without it dead rows pile up and transaction-ID wraparound will stop the database.",
+    shows="set to {value}",
 )
 
 
@@ -93,6 +101,7 @@ AUTOVACUUM_DISABLED = Check(
     each_table(_table_without_autovacuum),
     EveryRow("warning"),
     "ALTER TABLE {object} RESET (autovacuum_enabled);",
+    shows="autovacuum_enabled {value}",
 )
 
 
@@ -123,6 +132,7 @@ AUTOVACUUM_STALE = Check(
     "(a long transaction, autovacuum_max_workers busy on big tables, or a cost limit too low: "
     "ALTER TABLE {object} SET (autovacuum_vacuum_cost_limit = 2000);).",
     unit="h",
+    shows="{value} since a vacuum",
 )
 
 
@@ -137,9 +147,9 @@ AUTOVACUUM_DUE = Check(
     "Tables past their autovacuum threshold",
     each_table(_table_vacuum_due),
     EveryRow("info"),
-    "{value} dead rows, past autovacuum_vacuum_threshold + scale factor x rows; autovacuum should "
-    "take it within autovacuum_naptime. If it stays here: VACUUM (ANALYZE) {object};",
-    unit="rows",
+    "Dead rows past autovacuum_vacuum_threshold + scale factor x rows, by autovacuum's own count; "
+    "autovacuum should take it within autovacuum_naptime. If it stays here: VACUUM (ANALYZE) {object};",
+    unit="dead row",
 )
 
 CHECKS = (TABLE_BLOAT, DEAD_TUPLES, AUTOVACUUM_OFF, AUTOVACUUM_DISABLED, AUTOVACUUM_STALE, AUTOVACUUM_DUE)

@@ -42,6 +42,7 @@ WRAPAROUND = Check(
     "Age {age} (100% = autovacuum_freeze_max_age, when anti-wraparound vacuums start). "
     "VACUUM (FREEZE, VERBOSE) the oldest tables ({oldest_tables}) and end whatever holds the xmin horizon.",
     unit="%",
+    shows="{value} of autovacuum_freeze_max_age",
 )
 
 # A sequence feeding an integer column runs out at the column's maximum, not its own.
@@ -77,6 +78,7 @@ SEQUENCES = Check(
     "{last_value} of {maximum}. Widen the column and the sequence to bigint: "
     "ALTER SEQUENCE {object} AS bigint;",
     unit="%",
+    shows="{value} of its range used",
 )
 
 CHECKS = (WRAPAROUND, SEQUENCES)

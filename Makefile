@@ -43,12 +43,12 @@ endef
 demo: $(VENV)
 	$(PYTHON) -m localstack.demo
 
-# Two test processes, each with its own PostgreSQL and Prefect servers; a test module
-# stays in one process, so its module-wide server is started once.
+# Two test processes, each with its own PostgreSQL and Prefect servers, sharing the suite
+# by group (tests/conftest.py says which tests stay together).
 TEST_PROCESSES ?= 2
 
 test: $(VENV)
-	$(PYTHON) -m pytest -n $(TEST_PROCESSES) --dist loadfile
+	$(PYTHON) -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 lint: $(VENV)
 	$(PYTHON) -m ruff check .

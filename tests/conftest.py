@@ -84,6 +84,19 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "no_stack: the test needs no Prefect server")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """How two test processes (`-n 2 --dist loadgroup`) share the suite: each module stays
+    in one process, so that its module-wide server starts once, except that each version of
+    a test parametrized by server version (the support matrix) is a group of its own."""
+    for item in items:
+        group = item.module.__name__
+        version = getattr(item, "callspec", None) and item.callspec.params.get("versioned")
+        if version:
+            group = f"{group}[{version}]"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 class ServerFactory:
     """Starts isolated Prefect servers, each on a new database of the session PostgreSQL."""
 

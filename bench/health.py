@@ -11,7 +11,6 @@ tables), which reads those tables and is expected to take longer.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import statistics
 import time
@@ -19,15 +18,12 @@ from typing import Any
 
 from bench.harness import (
     Target,
-    bench_server,
     benchmark_markdown,
     flush_flow_logs,
     format_number,
     machine_and_versions,
-    report_results,
-    show_progress,
 )
-from bench.population import DATABASE, add_population_options, ensure_population
+from bench.population import ensure_population, population_benchmark_main
 from flows.db_health import db_health_report
 from tasks.reports import human_bytes, markdown_table
 
@@ -116,16 +112,20 @@ def to_markdown(results: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.health", description=__doc__.split("\n")[0])
-    add_population_options(parser)
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", type=int, default=DEFAULT_PASSES, help="timed reports after the warm-up")
     parser.add_argument("--exact", action="store_true", help="also time one report with exact=True")
-    args = parser.parse_args(argv)
-    show_progress()
-    with bench_server(args.state_dir, DATABASE, fresh=args.fresh) as server:
-        results = asyncio.run(benchmark(server.database_url, args.runs, args.passes, args.exact))
-    return report_results("bench.health", argv, args.json, results, to_markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return population_benchmark_main(
+        "bench.health",
+        __doc__.split("\n")[0],
+        argv,
+        _options,
+        lambda database_url, args: benchmark(database_url, args.runs, args.passes, args.exact),
+        to_markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ only topped up when it holds fewer seeded runs than asked for. `--fresh` starts 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from bench.harness import DEFAULT_STATE_DIR
+from bench.harness import DEFAULT_STATE_DIR, bench_server, report_results, show_progress
 from localstack.bulk_seed import bulk_seed
 from tasks.database import connect
 
@@ -51,3 +53,23 @@ def add_population_options(parser: argparse.ArgumentParser, default_runs: int = 
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--fresh", action="store_true", help="drop the seeded database and seed it again")
+
+
+def population_benchmark_main(
+    module: str,
+    description: str,
+    argv: list[str] | None,
+    add_options: Callable[[argparse.ArgumentParser], None],
+    benchmark: Callable[[str, argparse.Namespace], Awaitable[dict[str, Any]]],
+    to_markdown: Callable[[Mapping[str, Any]], str],
+) -> int:
+    """The command line of a benchmark on the population database: its options, the server,
+    the benchmark (given the database URL and the options), the results written and shown."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    add_population_options(parser)
+    add_options(parser)
+    args = parser.parse_args(argv)
+    show_progress()
+    with bench_server(args.state_dir, DATABASE, fresh=args.fresh) as server:
+        results = asyncio.run(benchmark(server.database_url, args))
+    return report_results(module, argv, args.json, results, to_markdown)

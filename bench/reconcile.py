@@ -29,15 +29,12 @@ from sqlalchemy import text
 
 from bench.harness import (
     Target,
-    bench_server,
     benchmark_markdown,
     flush_flow_logs,
     format_number,
     machine_and_versions,
-    report_results,
-    show_progress,
 )
-from bench.population import DATABASE, add_population_options, ensure_population
+from bench.population import ensure_population, population_benchmark_main
 from flows.reconcile import reconcile_stuck_runs
 from localstack.seed import MessyHistory, apply_clock_shifts, break_runs
 from tasks.database import connect
@@ -235,16 +232,20 @@ def to_markdown(results: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reconcile", description=__doc__.split("\n")[0])
-    add_population_options(parser)
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stuck", type=int, default=DEFAULT_STUCK, help="stuck runs to create and fix (K)")
     parser.add_argument("--idle-passes", type=int, default=DEFAULT_IDLE_PASSES)
-    args = parser.parse_args(argv)
-    show_progress()
-    with bench_server(args.state_dir, DATABASE, fresh=args.fresh) as server:
-        results = asyncio.run(benchmark(server.database_url, args.runs, args.stuck, args.idle_passes))
-    return report_results("bench.reconcile", argv, args.json, results, to_markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return population_benchmark_main(
+        "bench.reconcile",
+        __doc__.split("\n")[0],
+        argv,
+        _options,
+        lambda database_url, args: benchmark(database_url, args.runs, args.stuck, args.idle_passes),
+        to_markdown,
+    )
 
 
 if __name__ == "__main__":

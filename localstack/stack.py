@@ -90,10 +90,18 @@ class Postgres:
         return self._run_psql(["-c", sql], database)
 
     def psql_file(
-        self, path: Path, database: str = "postgres", environment: dict[str, str] | None = None
+        self,
+        path: Path,
+        database: str = "postgres",
+        environment: dict[str, str] | None = None,
+        variables: dict[str, str] | None = None,
     ) -> str:
-        """Run a psql script, meta-commands (\\gexec, \\getenv, \\if) included, as `postgres`."""
-        return self._run_psql(["-f", str(path)], database, environment)
+        """Run a psql script, meta-commands (\\gexec, \\getenv, \\if) and `-v` variables
+        included, as `postgres`."""
+        settings = [
+            argument for name, value in (variables or {}).items() for argument in ("-v", f"{name}={value}")
+        ]
+        return self._run_psql([*settings, "-f", str(path)], database, environment)
 
     def _run_psql(
         self, arguments: list[str], database: str, environment: dict[str, str] | None = None

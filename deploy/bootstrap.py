@@ -122,11 +122,15 @@ async def next_step(target: MaintenanceQueue, settings: MaintenanceSettings) -> 
     kubernetes pool, the Secret and the chart's worker, of the server's Prefect."""
     async with prefect_client() as client:
         server = await call(client, "GET", "/admin/version")
-    other_prefect = server != prefect.__version__ and (PREFECT_VERSIONS_DIR / f"{server}.txt").exists()
+    supported = (PREFECT_VERSIONS_DIR / f"{server}.txt").exists()
     if settings.work_pool_type == KUBERNETES:
         namespace = settings.kubernetes_namespace
+        # The image's Prefect is the lock's unless built for another: the build says which.
         image = (
-            f"; build {settings.image} with `--build-arg PREFECT_VERSION={server}`" if other_prefect else ""
+            f"; the image runs the server's Prefect too: `docker build --build-arg "
+            f"PREFECT_VERSION={server} -t {settings.image} -f docker/Dockerfile .`"
+            if supported
+            else ""
         )
         return (
             f"next: the Secret {settings.kubernetes_secret!r} in namespace {namespace!r} "
@@ -137,7 +141,7 @@ async def next_step(target: MaintenanceQueue, settings: MaintenanceSettings) -> 
             f"--set worker.image.prefectTag={server}-python3.11-kubernetes`{image}"
         )
     start_worker = f"`make worker` starts the one worker of {target.pool}/{target.queue}"
-    if not other_prefect:
+    if server == prefect.__version__ or not supported:
         return f"next: {start_worker}"
     return (
         f"next: `make install PREFECT_VERSION={server}` (the worker runs the Prefect of its "

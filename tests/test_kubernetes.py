@@ -118,6 +118,7 @@ def test_the_secret_example_is_a_kubernetes_secret_of_placeholders():
 
 
 async def test_a_bad_pool_setting_stops_the_deploy_before_anything_changes(fresh_server):
+    server = fresh_server()
     for settings, named in (
         (
             {"MAINTENANCE_WORK_POOL_TYPE": "docker"},
@@ -128,7 +129,7 @@ async def test_a_bad_pool_setting_stops_the_deploy_before_anything_changes(fresh
             "MAINTENANCE_IMAGE is not set",
         ),
     ):
-        with serving(fresh_server()):
+        with serving(server):
             with pytest.MonkeyPatch.context() as patch:
                 for name, value in settings.items():
                     patch.setenv(name, value)
@@ -165,6 +166,7 @@ async def test_make_deploy_creates_a_kubernetes_pool_with_one_queue_and_the_four
         in next_step
     )
     assert f"--set worker.image.prefectTag={NEWEST}-python3.11-kubernetes" in next_step
+    assert f"docker build --build-arg PREFECT_VERSION={NEWEST} -t {IMAGE}" in next_step
     assert "make worker" not in next_step
 
 

@@ -43,10 +43,10 @@ DATABASE_URLS = {
     "MAINTENANCE_REPORT_DATABASE_URL": f"postgresql+asyncpg://maintenance_report:{PASSWORD}@db.internal:5432/prefect",
 }
 KUBERNETES_DEPLOY = {"MAINTENANCE_WORK_POOL_TYPE": "kubernetes", "MAINTENANCE_IMAGE": IMAGE, **DATABASE_URLS}
-DEFAULTS = MaintenanceSettings()
-# EKS's oldest version in standard support, and the newest whose schemas are shipped.
+SECRET_NAME = MaintenanceSettings.model_fields["kubernetes_secret"].default
+# An older Kubernetes, and the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-WORKER_NAME = "maintenance-kubernetes"
+WORKER_NAME = yaml.safe_load(WORKER_VALUES.read_text())["worker"]["config"]["name"]
 # prefect-kubernetes' worker refuses a template without these in the pod spec, where they do
 # not belong (they are Job fields): the API server drops them with a warning. Strict
 # validation sees the rest of the Job.
@@ -110,7 +110,7 @@ def test_the_secret_example_is_a_kubernetes_secret_of_placeholders():
     secret = yaml.safe_load(SECRET_EXAMPLE.read_text())
     for version in KUBERNETES_VERSIONS:
         kubernetes_validate.validate(secret, version, strict=True)
-    assert secret["metadata"]["name"] == DEFAULTS.kubernetes_secret
+    assert secret["metadata"]["name"] == SECRET_NAME
     assert set(secret["stringData"]) == set(DATABASE_URLS)
     for url in secret["stringData"].values():
         assert parse_database_url(url) == ("postgresql", "asyncpg")
@@ -160,7 +160,7 @@ async def test_make_deploy_creates_a_kubernetes_pool_with_one_queue_and_the_four
     assert f"work pool '{POOL}': created (type kubernetes)" in kubernetes_deploy.stdout
     # The next step is the Secret and the chart's worker, never `make worker`.
     next_step = kubernetes_deploy.stdout.splitlines()[-1]
-    assert next_step.startswith(f"next: the Secret '{DEFAULTS.kubernetes_secret}' in namespace 'prefect'")
+    assert next_step.startswith(f"next: the Secret '{SECRET_NAME}' in namespace 'prefect'")
     assert (
         f"helm install prefect-maintenance-worker prefect/prefect-worker --version {PREFECT_WORKER_CHART_VERSION}"
         in next_step
@@ -200,7 +200,7 @@ def check_maintenance_job(job: dict) -> None:
     assert manifest["spec"]["ttlSecondsAfterFinished"] == 24 * 60 * 60
     [container] = manifest["spec"]["template"]["spec"]["containers"]
     assert container["image"] == IMAGE
-    assert container["envFrom"] == [{"secretRef": {"name": DEFAULTS.kubernetes_secret}}]
+    assert container["envFrom"] == [{"secretRef": {"name": SECRET_NAME}}]
     assert container["resources"] == {
         "requests": {"cpu": "100m", "memory": "256Mi"},
         "limits": {"memory": "1Gi"},

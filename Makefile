@@ -24,19 +24,21 @@ VENV := $(if $(PREFECT_VERSION),$(INSTALL_STAMP),$(or $(firstword $(wildcard .ve
 
 install: $(INSTALL_STAMP)
 
+# $(1): groups to leave out.
 define sync_venv
 @if ! command -v uv >/dev/null 2>&1 && [ ! -x .venv-tools/bin/uv ]; then \
 	python3 -m venv .venv-tools && .venv-tools/bin/pip install --quiet uv; fi
 @rm -f .venv/.installed-prefect-*
-UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups
+UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups $(1)
 endef
 
 .venv/.installed-prefect-lock: pyproject.toml uv.lock
-	$(sync_venv)
+	$(call sync_venv)
 	@touch $@
 
+# The kubernetes group's prefect-kubernetes needs the lock's Prefect.
 .venv/.installed-prefect-%: pyproject.toml uv.lock prefect-versions/%.txt
-	$(sync_venv)
+	$(call sync_venv,--no-group kubernetes)
 	$(UV) pip install --python .venv/bin/python -r prefect-versions/$*.txt
 	@touch $@
 

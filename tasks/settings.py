@@ -9,6 +9,7 @@ which prints the dialect, host and database name, never the user's password.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -118,6 +119,28 @@ class MaintenanceSettings(BaseSettings):
         default=None,
         validation_alias="MAINTENANCE_PROJECT_DIR",
         description="On the worker: where the project's code is (default: the folder it runs from).",
+    )
+    work_pool_type: Literal["process", "kubernetes"] = Field(
+        default="process",
+        validation_alias="MAINTENANCE_WORK_POOL_TYPE",
+        description="Read by `make deploy`: the type of the maintenance work pool it creates.",
+    )
+    image: str | None = Field(
+        default=None,
+        validation_alias="MAINTENANCE_IMAGE",
+        description="Read by `make deploy` for a kubernetes pool: the project's image its Jobs run.",
+    )
+    kubernetes_namespace: str = Field(
+        default="prefect",
+        min_length=1,
+        validation_alias="MAINTENANCE_KUBERNETES_NAMESPACE",
+        description="Read by `make deploy` for a kubernetes pool: the namespace of its Jobs and Secret.",
+    )
+    kubernetes_secret: str = Field(
+        default="prefect-maintenance",
+        min_length=1,
+        validation_alias="MAINTENANCE_KUBERNETES_SECRET",
+        description="Read by `make deploy` for a kubernetes pool: the Secret its Jobs take their environment from.",
     )
 
     @field_validator("database_url", "report_database_url", mode="before")

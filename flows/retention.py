@@ -142,6 +142,7 @@ async def retention(
         flow_names=flow_names_by_id,
         deployment_names=deployment_names_by_id,
         engine=chosen.name,
+        measures_space=chosen.measures_space,
         dry_run=parameters.dry_run,
         database=describe_database_url(settings.database_url) if chosen.name == "sql" else "Prefect API",
         days_per_state={state: parameters.days_for(state) for state in parameters.states},

@@ -20,6 +20,7 @@ from prefect import flow
 from cli import FLOW_COMMANDS, add_flow_options, build_parser, flow_parameters
 from deploy import PROJECT_ROOT
 from localstack.seed import MessyHistory, seed_messy_history
+from tasks.reports import human_bytes
 
 
 def prefect_maintenance(server, *arguments: str) -> subprocess.CompletedProcess:
@@ -164,14 +165,19 @@ async def test_deleting_asks_first_and_deletes_exactly_the_dry_run_count_with_ye
 
     dry = prefect_maintenance(module_server, "retention", *only_etl, "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr[-2000:]
-    counted = json.loads(dry.stdout[dry.stdout.index("{") :])["flow_runs_deleted"]
+    dry_report = json.loads(dry.stdout[dry.stdout.index("{") :])
+    counted = dry_report["flow_runs_deleted"]
     assert counted > 0
+    # The confirmation's summary says how much space the rows take.
+    space = human_bytes(sum(dry_report["bytes_deleted"].values()))
+    assert f"  space: about {space} in the rows (" in refused.stdout
 
     deleted = prefect_maintenance(module_server, "retention", *only_etl, "--yes", "--json", "-")
     assert deleted.returncode == 0, deleted.stderr[-2000:]
     report = json.loads(deleted.stdout[deleted.stdout.rindex('{\n  "engine"') :])
     assert report["dry_run"] is False
     assert report["flow_runs_deleted"] == counted
+    assert report["bytes_deleted"] == dry_report["bytes_deleted"]
     # Only the etl flow's runs went.
     left = await existing(history.old_finished, database_url=module_server.database_url)
     assert left and all(run_id not in left for run_id in report_ids(report))

@@ -19,11 +19,13 @@ from sqlalchemy import text
 
 from deploy import PROJECT_ROOT
 from flows.db_health import db_health_report
+from flows.retention import retention
 from localstack.seed import seed_messy_history
 from tasks.database import connect
 from tasks.health.framework import with_unit
 from tasks.health.models import HealthReport
 from tasks.prefect_api import call, prefect_client
+from tasks.reports import human_bytes
 
 PASSWORD = "Health-Secret-9d7c1"
 ROLES_SQL = PROJECT_ROOT / "docker" / "roles.sql"
@@ -375,7 +377,15 @@ async def test_messy_prefect_history_shows_up_as_backlog(on_module_server, psql)
         )
     )
     assert past_retention > 0
-    assert report.findings["expired_runs"][0]["value"] == past_retention
+    expired = report.findings["expired_runs"][0]
+    assert expired["value"] == past_retention
+    # The space of their rows, as the retention flow's own dry run measures it.
+    dry = await retention(dry_run=True, vacuum=False)
+    assert expired["space_bytes"] == dry.bytes_total > 0
+    (flag,) = flags_of(report, "expired_runs").values()
+    assert (
+        f"their rows take about {human_bytes(dry.bytes_total)}" in flag.advice and "pg_repack" in flag.advice
+    )
 
     stuck = {row["object"]: row["value"] for row in report.findings["stuck_runs"]}
     assert sum(stuck.values()) > 0

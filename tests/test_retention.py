@@ -44,8 +44,10 @@ from localstack.orphans import count_orphans
 from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, prefect_client
+from tasks.reports import human_bytes
 from tasks.retention import api_engine
 from tasks.retention.api_engine import ATTEMPTS, ApiEngine
+from tasks.retention.artifact_collections import REPOINTED
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord
 from tasks.retention.purge import limitations, purge_expired_runs
@@ -164,7 +166,11 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_fresh_ser
     state = await retention(engine="sql", exclude_tags=["purge-keep"], **QUICK, return_state=True)
     report = await state.result()
     assert report.flow_runs_deleted == dry.flow_runs_deleted
-    assert {table: report.rows_deleted[table] for table in dry.rows_deleted} == dry.rows_deleted
+    # Every table the real run deleted from, artifact collections included, the dry run counted.
+    assert report.rows_deleted == dry.rows_deleted
+    # And it measured the space of the very rows the real run deleted.
+    assert report.bytes_deleted == dry.bytes_deleted
+    assert set(report.bytes_deleted) == set(report.rows_deleted) - {"artifact_collection", REPOINTED}
     # The rows the deletes cascade to are counted too, exactly, in the dry run as well.
     assert {table: dry.rows_deleted[table] for table in cascaded} == cascaded
     assert all(cascaded.values())
@@ -198,10 +204,13 @@ async def test_nightly_purge_of_a_messy_history_with_the_sql_engine(on_fresh_ser
     # One kind of artifact per key, so that each key's history in the UI reads as one story.
     assert published == {(REPORT_KEY, "markdown"), (BREAKDOWN_KEY, "table"), (None, "progress")}
     card = next(artifact for artifact in artifacts if artifact["type"] == "markdown")
-    assert card["description"] == f"deleted 16 flow runs · sql · {report.seconds:,.1f} s"
+    space = human_bytes(report.bytes_total)
+    assert card["description"] == f"deleted 16 flow runs · {space} of rows · sql · {report.seconds:,.1f} s"
     markdown = card["data"]
     assert "deleted 16 flow runs" in markdown and "purge-etl/hourly" in markdown
     assert "## Rows deleted with the runs" in markdown and "1 batches" not in markdown
+    assert "| rows | space | table |" in markdown and f"| **{space}** | **total** |" in markdown
+    assert f"the deleted rows took about {space}" in markdown and "`VACUUM FULL` or `pg_repack`" in markdown
     # The sample is oldest first, its times to the minute, its subflows said to go with their parent.
     finished = [run.finished for run in report.sample]
     assert finished == sorted(finished)
@@ -221,9 +230,16 @@ async def test_the_api_engine_purges_the_same_way(on_fresh_server):
     report = await retention(engine="api", **QUICK)
     assert report.flow_runs_deleted == len(expected)
     # With the database configured, the cache rows the API cannot delete go through it.
-    assert (
-        report.rows_deleted == {"artifact": 13, "flow_run": 17, "task_run_state_cache": 3} == dry.rows_deleted
-    )
+    assert report.rows_deleted == dry.rows_deleted
+    assert {
+        table: report.rows_deleted[table] for table in ("artifact", "flow_run", "task_run_state_cache")
+    } == {
+        "artifact": 13,
+        "flow_run": 17,
+        "task_run_state_cache": 3,
+    }
+    # The API does not say how big rows are: no figure, and the report says so.
+    assert report.bytes_deleted is None and "Space: not estimated" in report.to_markdown()
     assert any("this run waited for it" in note for note in report.notes)
     assert not await existing(expected)
     assert await existing(history.recent_finished) == set(history.recent_finished)

@@ -8,7 +8,7 @@ only deleted once all of its subflows are, so none is ever left as a fake top-le
 Servers before 3.6.16 have no `bulk_delete`; there each run is read again just before its
 `DELETE /flow_runs/{id}` (which deletes a run in any state) and deleted only if it still
 reads exactly as the policy judged it. The deleted runs' artifacts go with
-`DELETE /artifacts/{id}` (the server re-points their collections).
+`DELETE /artifacts/{id}` (the server re-points their collections: `artifact_collections`).
 
 The API has no way to delete logs, cache rows or events. From 3.4.9 the server deletes a
 deleted run's logs itself, in its background queue. That queue is in memory by default
@@ -55,6 +55,7 @@ from tasks.prefect_api import (
     version_text,
 )
 from tasks.reports import plural
+from tasks.retention.artifact_collections import ApiArtifacts
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
 from tasks.retention.rate_limit import Throttle
@@ -103,6 +104,8 @@ class ApiEngine:
     """Retention through the Prefect API; one instance per flow run."""
 
     name = "api"
+    # The API does not say how big rows are.
+    measures_space = False
     # Old events, orphans and VACUUM need the database itself: the API has no route for them.
     housekeeping: SqlHousekeeping | None = None
 
@@ -130,6 +133,7 @@ class ApiEngine:
         self._log_deletion_stalled = False
         # Deleted (in a dry run: to be deleted) runs whose logs nothing here deletes.
         self.runs_with_logs_left = 0
+        self._artifacts = ApiArtifacts(self._all, self._call, self._gather)
 
     @classmethod
     @asynccontextmanager
@@ -348,28 +352,29 @@ class ApiEngine:
         # Read before the runs go: their task runs' states cascade away with them.
         states_of = await self._cached_states_of(accepted_ids) if self._database is not None else {}
         if dry_run:
-            artifacts = await self._count(
-                "/artifacts/count", {"artifacts": {"flow_run_id": {"any_": _ids(accepted_ids)}}}
-            )
+            artifacts, changes = await self._artifacts.forecast(accepted_ids)
             rows = {"flow_run": len(accepted_ids), "artifact": artifacts}
             rows.update(await self._what_the_api_leaves(accepted_ids, states_of, dry_run=True))
             return BatchOutcome(
-                runs=verdict.accepted, rows=rows, left=verdict.left, seconds=perf_counter() - started
+                runs=verdict.accepted,
+                rows=rows,
+                collections=changes,
+                left=verdict.left,
+                seconds=perf_counter() - started,
             )
         root_of = {member: root for root, members in members_of.items() for member in members}
         root_of.update((root_id, root_id) for root_id in root_ids)
         deleted, broken = await self._delete_deepest_first(verdict.accepted, depth, root_of)
-        rows = {"flow_run": len(deleted), "artifact": await self._delete_artifacts(deleted)}
+        artifacts, changes = await self._artifacts.delete(list(deleted))
+        rows = {"flow_run": len(deleted), "artifact": artifacts}
         rows.update(await self._what_the_api_leaves(list(deleted), states_of, dry_run=False))
         return BatchOutcome(
             runs=[run for run in verdict.accepted if run.id in deleted],
             rows=rows,
+            collections=changes,
             left=verdict.left + Counter({CHANGED: len(broken)}),
             seconds=perf_counter() - started,
         )
-
-    async def _count(self, path: str, body: dict[str, Any]) -> int:
-        return int(await self._call("POST", path, body))
 
     async def _delete_deepest_first(
         self, runs: list[RunRecord], depth: dict[UUID, int], root_of: dict[UUID, UUID]
@@ -448,29 +453,6 @@ class ApiEngine:
             [state_id for run_id in flow_run_ids for state_id in states_of.get(run_id, ())],
             dry_run=dry_run,
         )
-
-    async def _delete_artifacts(self, flow_run_ids: Iterable[UUID]) -> int:
-        """Delete the runs' artifacts; those sharing a key one after another, since the server
-        re-points the key's collection on each delete and two at once could point it at the other."""
-        by_key: dict[str, list[str]] = {}
-        for chunk in chunks(list(flow_run_ids), PAGE_SIZE):
-            for row in await self._all(
-                "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": _ids(chunk)}}}
-            ):
-                by_key.setdefault(row["key"] or row["id"], []).append(row["id"])
-        await self._gather(self._delete_in_turn(artifact_ids) for artifact_ids in by_key.values())
-        return sum(len(artifact_ids) for artifact_ids in by_key.values())
-
-    async def _delete_in_turn(self, artifact_ids: list[str]) -> None:
-        for artifact_id in artifact_ids:
-            await self._delete_artifact(artifact_id)
-
-    async def _delete_artifact(self, artifact_id: str) -> None:
-        try:
-            await self._call("DELETE", f"/artifacts/{artifact_id}")
-        except PrefectApiError as error:
-            if error.status_code != 404:
-                raise
 
     # The server's log deletion -------------------------------------------------------
 

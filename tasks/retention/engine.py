@@ -28,6 +28,8 @@ from tasks.retention.sql_housekeeping import SqlHousekeeping
 class RetentionEngine(Protocol):
     # The report's `engine`: "sql" or "api".
     name: str
+    # Whether its batches measure the space of the rows they delete.
+    measures_space: bool
 
     @property
     def housekeeping(self) -> SqlHousekeeping | None:

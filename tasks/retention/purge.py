@@ -98,7 +98,7 @@ async def purge_expired_runs(
             result.totals.batches,
             verb,
             len(outcome.runs),
-            _rows_in_brackets(outcome.rows),
+            _rows_in_brackets({**outcome.rows, **outcome.collections.counts()}),
             outcome.seconds,
             result.totals.flow_runs,
             f"; left {sum(outcome.left.values())} top-level runs" if outcome.left else "",

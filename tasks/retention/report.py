@@ -16,7 +16,8 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from tasks.reports import ReportArtifacts, markdown_table, plural, run_link
+from tasks.reports import ReportArtifacts, human_bytes, markdown_table, plural, run_link
+from tasks.retention.artifact_collections import REPOINTED, CollectionChanges, CollectionTally
 from tasks.retention.policy import RunRecord
 
 REPORT_KEY = "retention-report"
@@ -27,15 +28,24 @@ SAMPLE_SIZE = 20
 BREAKDOWN_ROWS = 25
 NO_DEPLOYMENT = "(no deployment)"
 
+# What deleting rows does to the files, for every figure of the space they took.
+SPACE_REUSE = (
+    "PostgreSQL reuses the space of deleted rows for new ones; the files on disk shrink only after "
+    "`VACUUM FULL` or `pg_repack`."
+)
+
 StoppedReason = Literal["finished", "max_minutes", "failed"]
 
 
 @dataclass
 class BatchOutcome:
-    """One batch: the flow runs deleted (or that would be), rows per table, runs left and why."""
+    """One batch: the flow runs deleted (or that would be), rows per table and the space
+    they took (when the engine measures it), artifact collections changed, runs left and why."""
 
     runs: list[RunRecord] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] | None = None
+    collections: CollectionChanges = field(default_factory=CollectionChanges)
     left: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -46,7 +56,9 @@ class RetentionTotals:
 
     batches: int = 0
     flow_runs: int = 0
-    rows: Counter[str] = field(default_factory=Counter)
+    table_rows: Counter[str] = field(default_factory=Counter)
+    bytes: Counter[str] = field(default_factory=Counter)
+    collections: CollectionTally = field(default_factory=CollectionTally)
     left: Counter[str] = field(default_factory=Counter)
     # (flow id, deployment id, state type) -> flow runs
     groups: Counter[tuple[UUID, UUID | None, str]] = field(default_factory=Counter)
@@ -55,10 +67,17 @@ class RetentionTotals:
     def add(self, outcome: BatchOutcome) -> None:
         self.batches += 1
         self.flow_runs += len(outcome.runs)
-        self.rows.update(outcome.rows)
+        self.table_rows.update(outcome.rows)
+        self.bytes.update(outcome.bytes or {})
+        self.collections.add(outcome.collections)
         self.left.update(outcome.left)
         self.groups.update((run.flow_id, run.deployment_id, run.state_type or "") for run in outcome.runs)
         self.sample.extend(outcome.runs[: SAMPLE_SIZE - len(self.sample)])
+
+    @property
+    def rows(self) -> Counter[str]:
+        """Rows per table, each artifact collection counted once by what became of it."""
+        return self.table_rows + Counter(self.collections.counts())
 
     @property
     def flow_ids(self) -> set[UUID]:
@@ -91,6 +110,9 @@ class RetentionReport(BaseModel):
     days_per_state: dict[str, float]
     flow_runs_deleted: int
     rows_deleted: dict[str, int]
+    # The space the rows deleted with the runs took, per table (see `space_text`); None:
+    # not measured (it takes direct access to a PostgreSQL database).
+    bytes_deleted: dict[str, int] | None
     orphan_rows_deleted: dict[str, int]
     event_rows_deleted: dict[str, int]
     by_state: dict[str, int]
@@ -115,6 +137,7 @@ class RetentionReport(BaseModel):
         *,
         flow_names: dict[UUID, str],
         deployment_names: dict[UUID, str],
+        measures_space: bool,
         **fields,
     ) -> RetentionReport:
         def flow_name(flow_id: UUID) -> str:
@@ -138,6 +161,7 @@ class RetentionReport(BaseModel):
         return cls(
             flow_runs_deleted=totals.flow_runs,
             rows_deleted=_counted(totals.rows),
+            bytes_deleted=_counted(totals.bytes) if measures_space else None,
             by_state=dict(by_state.most_common()),
             by_deployment=dict(by_deployment.most_common()),
             by_flow=dict(by_flow.most_common()),
@@ -174,11 +198,30 @@ class RetentionReport(BaseModel):
             for name, count in counts.items()
         ]
 
+    @property
+    def bytes_total(self) -> int | None:
+        return None if self.bytes_deleted is None else sum(self.bytes_deleted.values())
+
+    def space_text(self) -> str:
+        """What the space figure is, and when the database gives it back."""
+        if self.bytes_deleted is None:
+            return (
+                "Space: not estimated; measuring the rows takes direct access to a PostgreSQL "
+                "database (the SQL engine)."
+            )
+        took = "these rows take" if self.dry_run else "the deleted rows took"
+        return (
+            f"Space: {took} about {human_bytes(self.bytes_total)} (each row as stored, TOAST included; "
+            f"their index entries come on top). {SPACE_REUSE}"
+        )
+
     def summary(self) -> str:
         """One line, numbers first: the artifact's description and the flow's last log line."""
         verb = "would delete" if self.dry_run else "deleted"
         return (
-            f"{verb} {plural(self.flow_runs_deleted, 'flow run')} · {self.engine} · {self.seconds:,.1f} s"
+            f"{verb} {plural(self.flow_runs_deleted, 'flow run')}"
+            + (f" · {human_bytes(self.bytes_total)} of rows" if self.bytes_total else "")
+            + f" · {self.engine} · {self.seconds:,.1f} s"
             + (f" · {self.remaining:,} remaining" if self.remaining else "")
             + (" · dry run" if self.dry_run else "")
         )
@@ -215,9 +258,11 @@ class RetentionReport(BaseModel):
             (f"Orphaned rows {gone}", self.orphan_rows_deleted),
             (f"Events {gone}", self.event_rows_deleted),
         ]
-        for heading, rows in tables:
+        if self.rows_deleted:
+            lines += ["", f"## {tables[0][0]}", "", self._rows_table(), "", self.space_text()]
+        for heading, rows in tables[1:]:
             if rows:
-                lines += ["", f"## {heading}", "", markdown_table(["table", "rows"], rows.items())]
+                lines += ["", f"## {heading}", "", markdown_table(["rows", "table"], _swapped(rows))]
         for heading, counts in (
             ("Per state", self.by_state),
             ("Per deployment", self.by_deployment),
@@ -261,6 +306,17 @@ class RetentionReport(BaseModel):
             lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
+    def _rows_table(self) -> str:
+        """Rows and their space per table, numbers first, and the total."""
+        sizes = self.bytes_deleted or {}
+        shown = [
+            (f"{count:,}", human_bytes(sizes[table]) if table in sizes else "", table)
+            for table, count in self.rows_deleted.items()
+        ]
+        rows = sum(count for table, count in self.rows_deleted.items() if table != REPOINTED)
+        total = (f"**{rows:,}**", f"**{human_bytes(self.bytes_total)}**" if sizes else "", "**total**")
+        return markdown_table(["rows", "space", "table"], [*shown, total])
+
     def artifacts(self) -> ReportArtifacts:
         """The readable report under its key, the breakdown as a table under its own."""
         return ReportArtifacts(
@@ -271,6 +327,10 @@ class RetentionReport(BaseModel):
             table=self.breakdown_rows(),
             table_description=f"Flow runs per state, deployment and flow: {self.summary()}",
         )
+
+
+def _swapped(rows: Mapping[str, int]) -> list[tuple[str, str]]:
+    return [(f"{count:,}", table) for table, count in rows.items()]
 
 
 def _counted(rows: Mapping[str, int]) -> dict[str, int]:

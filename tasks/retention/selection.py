@@ -5,7 +5,8 @@ when asked for), else the API engine, and opens it; asked for by name, the API e
 gets the database when it is configured and reachable, for what the API cannot delete.
 `build_policy` resolves names and the runs kept by `keep_last_per_deployment` once,
 read-only. `expired_batches` streams candidate runs from the engine and keeps those the
-policy selects. `count_expired_runs` is a dry run that only counts;
+policy selects. `count_expired_runs` is a dry run that only counts, `measure_expired_space`
+one that measures the space of the rows within a time budget (for the health report);
 `count_expired_top_level_runs` is one count query, for the health report.
 """
 
@@ -24,7 +25,8 @@ from tasks.retention.api_engine import ApiEngine
 from tasks.retention.engine import RetentionEngine
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
-from tasks.retention.rate_limit import Throttle
+from tasks.retention.rate_limit import Deadline, Throttle
+from tasks.retention.report import RetentionTotals
 from tasks.retention.sql_engine import SqlEngine
 from tasks.settings import describe_database_url, get_settings
 
@@ -118,13 +120,42 @@ async def count_expired_runs(parameters: RetentionParameters | None = None) -> i
     Read-only; uses the database when one is configured and reachable, else the API.
     With no parameters, the flow's defaults.
     """
-    parameters = parameters or RetentionParameters()
+    return (await _dry_run(parameters or RetentionParameters(), Deadline(None))).totals.flow_runs
+
+
+@dataclass(frozen=True)
+class DryRunTotals:
+    """What a dry run counted before `complete` or its deadline; how many top-level runs it
+    walked, of how many candidates; whether its engine measures the space of rows."""
+
+    totals: RetentionTotals
+    top_level_runs: int
+    candidates: int
+    complete: bool
+    measures_space: bool
+
+
+async def _dry_run(parameters: RetentionParameters, deadline: Deadline) -> DryRunTotals:
+    """The flow's batches in a dry run, stopped at a batch boundary once `deadline` has passed."""
     async with open_engine(parameters.engine, Throttle(0)) as engine:
         policy = await build_policy(engine, parameters)
-        total = 0
+        candidates = await engine.count_candidates(policy)
+        totals = RetentionTotals()
+        walked = 0
         async for batch in expired_batches(engine, policy, parameters.batch_size):
-            total += len((await engine.process_batch(batch.runs, policy, dry_run=True)).runs)
-        return total
+            if deadline.passed:
+                return DryRunTotals(totals, walked, candidates, False, engine.measures_space)
+            totals.add(await engine.process_batch(batch.runs, policy, dry_run=True))
+            walked += len(batch.runs)
+        return DryRunTotals(totals, walked, candidates, True, engine.measures_space)
+
+
+async def measure_expired_space(
+    seconds: float, parameters: RetentionParameters | None = None
+) -> DryRunTotals:
+    """A dry run for the space the rows of expired runs take, as the flow's dry run measures
+    it, walking batches for at most about `seconds` (the rest is then not measured)."""
+    return await _dry_run(parameters or RetentionParameters(), Deadline(seconds / 60))
 
 
 async def count_expired_top_level_runs(parameters: RetentionParameters | None = None) -> int:

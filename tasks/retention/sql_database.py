@@ -11,7 +11,6 @@ exactly as the server writes them; connections come from `tasks.database`
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.database import create_engine, dialect_of
+from tasks.retention.artifact_collections import CollectionChanges
 
 # SQLAlchemy 2.1 asks every custom column type for operator classes; Prefect's UUID type
 # has none yet. Its columns compare correctly; the warning would fill the worker's log.
@@ -48,6 +48,8 @@ EVENTS = TABLES["events"]
 EVENT_RESOURCES = TABLES["event_resources"]
 # Where keyset walks over UUID keys start.
 NIL_UUID = UUID(int=0)
+# Every row's item identifier in its page's header.
+LINE_POINTER_BYTES = 4
 
 
 class PrefectDatabase:
@@ -104,11 +106,32 @@ class PrefectDatabase:
             return column.in_(subquery)
         return column == sa.any_(sa.func.array(subquery.scalar_subquery()))
 
-    async def repair_collections(self, connection: AsyncConnection, keys: Iterable[str]) -> Counter[str]:
+    def row_bytes(self, table: sa.Table) -> sa.ColumnElement[int] | None:
+        """The space one row of `table` takes in its pages, for summing over the rows a batch
+        deletes (PostgreSQL; None on SQLite, which has no such measure).
+
+        Every row is measured, neither a sample nor the table's average row size: the
+        average (`pg_relation_size / reltuples`) counts the table's free space and bloat,
+        and old runs' rows are not average ones; a sample would give a dry run and a real
+        run different figures. Exact is cheap: a real run's delete has each row in hand
+        (its RETURNING sizes it), and a dry run reads the heap rows its counts would
+        otherwise read from the index alone. Measured at 100,000 bulk-seeded runs on a busy
+        2-core machine: a dry run of 92,732 expired runs took 13-16 s with the sizes and
+        10-15 s without, a real run deleted 3,400 runs/s with them and 2,800 without (noise).
+        The row as stored: header, values and padding, values kept out of line in TOAST at
+        their stored (compressed) size; aligned as the page aligns it, with its 4-byte line
+        pointer. The rows' index entries come on top and are not counted.
+        """
+        if self.dialect != "postgresql":
+            return None
+        stored = sa.func.pg_column_size(sa.literal_column(f"{table.name}.*"))
+        return sa.cast((stored + 7) // 8 * 8 + LINE_POINTER_BYTES, sa.BigInteger)
+
+    async def repair_collections(self, connection: AsyncConnection, keys: Iterable[str]) -> CollectionChanges:
         """Point each collection whose latest artifact is gone at the key's newest artifact left, or delete it."""
         keys = sorted(set(keys))
         if not keys:
-            return Counter()
+            return CollectionChanges()
         latest_is_gone = ~sa.exists().where(ARTIFACT.c.id == ARTIFACT_COLLECTION.c.latest_id)
         stale = list(
             (
@@ -120,7 +143,7 @@ class PrefectDatabase:
             ).scalars()
         )
         if not stale:
-            return Counter()
+            return CollectionChanges()
         newest = (
             sa.select(
                 ARTIFACT,
@@ -145,13 +168,35 @@ class PrefectDatabase:
             sa.update(ARTIFACT_COLLECTION)
             .where(ARTIFACT_COLLECTION.c.key == newest.c.key, newest.c.position == 1)
             .values(latest_id=newest.c.id, **{column: newest.c[column] for column in copied})
+            .returning(ARTIFACT_COLLECTION.c.key)
         )
+        repointed_keys = set(repointed.scalars())
         removed = await connection.execute(
-            sa.delete(ARTIFACT_COLLECTION).where(self.among(ARTIFACT_COLLECTION.c.key, stale), latest_is_gone)
+            sa.delete(ARTIFACT_COLLECTION)
+            .where(self.among(ARTIFACT_COLLECTION.c.key, stale), latest_is_gone)
+            .returning(ARTIFACT_COLLECTION.c.key)
         )
-        return Counter(
-            {"artifact_collection": removed.rowcount, "artifact_collection re-pointed": repointed.rowcount}
+        return CollectionChanges(removed=set(removed.scalars()), repointed=repointed_keys)
+
+    async def collections_of(
+        self, connection: AsyncConnection, keys: list[str]
+    ) -> dict[str, tuple[UUID, bool]]:
+        """The keys' collections: their latest artifact's id and whether it exists."""
+        latest_exists = sa.exists().where(ARTIFACT.c.id == ARTIFACT_COLLECTION.c.latest_id)
+        rows = await connection.execute(
+            sa.select(
+                ARTIFACT_COLLECTION.c.key, ARTIFACT_COLLECTION.c.latest_id, latest_exists.label("exists")
+            ).where(self.among(ARTIFACT_COLLECTION.c.key, keys))
         )
+        return {row.key: (row.latest_id, bool(row.exists)) for row in rows}
+
+    async def artifacts_per_key(self, connection: AsyncConnection, keys: list[str]) -> dict[str, int]:
+        rows = await connection.execute(
+            sa.select(ARTIFACT.c.key, sa.func.count())
+            .where(self.among(ARTIFACT.c.key, keys))
+            .group_by(ARTIFACT.c.key)
+        )
+        return {key: count for key, count in rows}
 
 
 def _array_of(column: sa.ColumnElement[Any], values: list[Any]) -> sa.BindParameter:

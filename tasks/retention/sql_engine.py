@@ -1,17 +1,18 @@
 """The SQL engine: retention straight in Prefect's database (PostgreSQL or SQLite).
 
 The SQL engine's modules are the only ones in the project that write to Prefect's tables:
-this one deletes the expired runs' trees, `sql_housekeeping` (this engine's `housekeeping`)
-sweeps old events and orphans and vacuums, and both build on `sql_database`.
+this one judges and deletes the expired runs' trees (with what they own: `sql_owned_rows`),
+`sql_housekeeping` (this engine's `housekeeping`) sweeps old events and orphans and
+vacuums, and all build on `sql_database`.
 
 Per batch of top-level runs, one short transaction:
 1. find every subflow of the batch (`parent_task_run_id -> task_run -> flow_run`, any depth,
    a level at a time);
 2. read the batch's runs again, locking them (`FOR UPDATE SKIP LOCKED`; on SQLite the
    transaction starts with `BEGIN IMMEDIATE` instead) and let the policy judge each tree;
-3. delete what the accepted runs own and no foreign key cascades to (task run cache rows,
-   logs, artifacts), then the task runs and flow runs (their states and inputs cascade), and
-   re-point or delete the artifact collections whose latest artifact went.
+3. delete the accepted runs with what they own, measuring the space of the rows, and
+   re-point or delete the artifact collections whose latest artifact went (`sql_owned_rows`;
+   a dry run counts and measures the same rows and forecasts the collections).
 A run that changed or is locked is left for the next run; a batch that cannot get its
 locks within `lock_timeout` is left whole. A purge holds a PostgreSQL advisory lock, so two
 purges never overlap.
@@ -39,20 +40,15 @@ from tasks.retention.policy import RetentionPolicy, RunRecord, judge_trees
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import BatchOutcome
 from tasks.retention.sql_database import (
-    ARTIFACT,
     DEPLOYMENT,
     FLOW,
     FLOW_RUN,
-    FLOW_RUN_INPUT,
-    FLOW_RUN_STATE,
-    LOG,
     NIL_UUID,
     TASK_RUN,
-    TASK_RUN_STATE,
-    TASK_RUN_STATE_CACHE,
     PrefectDatabase,
 )
 from tasks.retention.sql_housekeeping import SqlHousekeeping
+from tasks.retention.sql_owned_rows import OwnedRows
 
 
 def _age_reference() -> sa.ColumnElement[datetime]:
@@ -121,6 +117,12 @@ class SqlEngine:
     def __init__(self, database: PrefectDatabase) -> None:
         self._database = database
         self.housekeeping = SqlHousekeeping(database)
+        self._owned = OwnedRows(database)
+
+    @property
+    def measures_space(self) -> bool:
+        """Whether batches measure the space of the rows they delete: PostgreSQL only."""
+        return self._database.dialect == "postgresql"
 
     @classmethod
     @asynccontextmanager
@@ -301,10 +303,10 @@ class SqlEngine:
                 current = await self._read_runs(connection, every_id, lock=not dry_run)
                 verdict = judge_trees(root_ids, members_of, current, policy)
                 accepted = [run.id for run in verdict.accepted]
-                rows = (
-                    await self._count_owned(connection, accepted)
+                outcome = (
+                    await self._owned.count(connection, accepted)
                     if dry_run
-                    else await self._delete_owned(connection, accepted)
+                    else await self._owned.delete(connection, accepted)
                 )
         except sa.exc.DBAPIError as error:
             if not _is_busy(error):
@@ -312,9 +314,8 @@ class SqlEngine:
             return BatchOutcome(
                 left=Counter({"locked: lock_timeout reached": len(roots)}), seconds=perf_counter() - started
             )
-        return BatchOutcome(
-            runs=verdict.accepted, rows=rows, left=verdict.left, seconds=perf_counter() - started
-        )
+        outcome.runs, outcome.left, outcome.seconds = verdict.accepted, verdict.left, perf_counter() - started
+        return outcome
 
     async def _subflows(self, connection: AsyncConnection, root_ids: list[UUID]) -> dict[UUID, list[UUID]]:
         """Every subflow, at any depth, of each root: one statement per level of the trees.
@@ -354,82 +355,6 @@ class SqlEngine:
             # Rows another transaction is changing right now are skipped, never waited for.
             statement = statement.with_for_update(skip_locked=True)
         return {row.id: run_record(row) for row in await connection.execute(statement)}
-
-    async def _owned_rows(
-        self, connection: AsyncConnection, flow_run_ids: list[UUID]
-    ) -> list[tuple[sa.Table, sa.ColumnElement[bool]]]:
-        """What the runs own, in deletion order; flow_run_state, task_run_state and flow_run_input cascade."""
-        task_runs = sa.select(TASK_RUN.c.id).where(self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids))
-        owned = []
-        # Prefect 3 clients no longer write cache rows: usually there are none, or a few,
-        # and the planner starts from them; when there are none the statement is skipped.
-        if (await connection.execute(sa.select(sa.exists().select_from(TASK_RUN_STATE_CACHE)))).scalar():
-            states = sa.select(TASK_RUN_STATE.c.id).where(TASK_RUN_STATE.c.task_run_id.in_(task_runs))
-            owned.append((TASK_RUN_STATE_CACHE, TASK_RUN_STATE_CACHE.c.task_run_state_id.in_(states)))
-        return owned + [
-            (LOG, self._database.among(LOG.c.flow_run_id, flow_run_ids)),
-            (ARTIFACT, self._database.among(ARTIFACT.c.flow_run_id, flow_run_ids)),
-            (TASK_RUN, self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids)),
-            (FLOW_RUN, self._database.among(FLOW_RUN.c.id, flow_run_ids)),
-        ]
-
-    async def _cascaded(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> dict[str, int]:
-        """The rows the deletes take with them by foreign-key cascade, counted before: the
-        report says everything that went. Deleting them explicitly first would cost more:
-        the runs' `state_id` would be set to NULL row by row before the runs go."""
-        task_runs = sa.select(TASK_RUN.c.id).where(self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids))
-        cascades = (
-            (FLOW_RUN_STATE, self._database.among(FLOW_RUN_STATE.c.flow_run_id, flow_run_ids)),
-            (TASK_RUN_STATE, TASK_RUN_STATE.c.task_run_id.in_(task_runs)),
-            (FLOW_RUN_INPUT, self._database.among(FLOW_RUN_INPUT.c.flow_run_id, flow_run_ids)),
-        )
-        counts = {}
-        for table, owned in cascades:
-            statement = sa.select(sa.func.count()).select_from(table).where(owned)
-            counts[table.name] = (await connection.execute(statement)).scalar_one()
-        return counts
-
-    async def _count_owned(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> dict[str, int]:
-        if not flow_run_ids:
-            return {}
-        counts = await self._cascaded(connection, flow_run_ids)
-        for table, owned in await self._owned_rows(connection, flow_run_ids):
-            statement = sa.select(sa.func.count()).select_from(table).where(owned)
-            counts[table.name] = (await self._execute(connection, table, statement)).scalar_one()
-        return counts
-
-    async def _delete_owned(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> dict[str, int]:
-        if not flow_run_ids:
-            return {}
-        deleted: Counter[str] = Counter(await self._cascaded(connection, flow_run_ids))
-        artifact_keys: set[str] = set()
-        for table, owned in await self._owned_rows(connection, flow_run_ids):
-            if table is ARTIFACT:
-                keys = await connection.execute(sa.delete(ARTIFACT).where(owned).returning(ARTIFACT.c.key))
-                all_keys = list(keys.scalars())
-                deleted["artifact"] += len(all_keys)
-                artifact_keys.update(key for key in all_keys if key is not None)
-            else:
-                deleted[table.name] += (
-                    await self._execute(connection, table, sa.delete(table).where(owned))
-                ).rowcount
-        deleted.update(await self._database.repair_collections(connection, artifact_keys))
-        return dict(deleted)
-
-    async def _execute(self, connection: AsyncConnection, table: sa.Table, statement: sa.Executable) -> Any:
-        """Execute one statement over the batch's rows of `table`.
-
-        The cache rows' statement is planned for the batch's own ids: after five runs of a
-        prepared statement PostgreSQL would reuse a generic plan that cannot see them
-        (measured: 15-45 ms a batch instead of under 1 ms). Not the other statements: the
-        foreign-key cascades of the deletes would then be re-planned for every row.
-        """
-        if table is not TASK_RUN_STATE_CACHE or self._database.dialect != "postgresql":
-            return await connection.execute(statement)
-        await connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
-        result = await connection.execute(statement)
-        await connection.exec_driver_sql("SET LOCAL plan_cache_mode = DEFAULT")
-        return result
 
     # After the purge -------------------------------------------------------------------
 

@@ -294,14 +294,15 @@ class SqlHousekeeping:
             return Counter({sweep.table.name: count.scalar_one()})
         if sweep.table is ARTIFACT_COLLECTION:
             stale_keys = await connection.execute(sa.select(ARTIFACT_COLLECTION.c.key).where(condition))
-            return await self._database.repair_collections(connection, stale_keys.scalars())
+            repaired = await self._database.repair_collections(connection, stale_keys.scalars())
+            return Counter(repaired.counts())
         if sweep.table is ARTIFACT:
             removed = await connection.execute(sa.delete(ARTIFACT).where(condition).returning(ARTIFACT.c.key))
             artifact_keys = list(removed.scalars())
             repaired = await self._database.repair_collections(
                 connection, [key for key in artifact_keys if key]
             )
-            return repaired + Counter({"artifact": len(artifact_keys)})
+            return Counter(repaired.counts()) + Counter({"artifact": len(artifact_keys)})
         return Counter(
             {sweep.table.name: (await connection.execute(sa.delete(sweep.table).where(condition))).rowcount}
         )

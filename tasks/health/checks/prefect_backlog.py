@@ -4,7 +4,8 @@ settings of Prefect's own cleanup services.
 
 Runs past retention and stuck runs are counted by the retention and reconcile flows' own
 selection code, so the report and those flows always agree (runs past retention by one
-count query: the top-level runs, whose subflows go with them). Prefect's settings come from
+count query: the top-level runs, whose subflows go with them; the space their rows take by
+the retention dry run's own batches, within a time budget). Prefect's settings come from
 `GET /api/admin/settings` of the server that answers (secrets are masked by Prefect; only
 the cleanup-related values are read).
 
@@ -41,9 +42,10 @@ from tasks.health.statements import rows_of
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reconcile.concurrency import HOLDING_STATES, DeploymentSlots, read_deployment_slots
 from tasks.reconcile.passes import count_stuck_runs
-from tasks.reports import plural
+from tasks.reports import human_bytes, plural
 from tasks.retention.parameters import RetentionParameters
-from tasks.retention.selection import count_expired_top_level_runs
+from tasks.retention.report import SPACE_REUSE
+from tasks.retention.selection import count_expired_top_level_runs, measure_expired_space
 
 # Counting stuck runs walks the reconcile flow's own selection, which takes time
 # proportional to what it finds; the report waits this long for each count so that it stays
@@ -87,14 +89,41 @@ async def _expired_runs(context: HealthContext) -> list[Row]:
     server_vacuum = (
         run_vacuum(settings) if settings is not None else "Prefect's own settings are not readable."
     )
+    space_bytes, space = await _expired_space(context) if count else (0, "nothing")
     return [
         {
             "object": "top-level flow runs",
             "value": count,
             "retention": retention,
+            "space_bytes": space_bytes,
+            "space": space,
             "server_vacuum": server_vacuum,
         }
     ]
+
+
+async def _expired_space(context: HealthContext) -> tuple[int | None, str]:
+    """The space the expired runs' rows take, as the retention dry run measures it: every
+    batch when they fit in half the budget, else extrapolated from the oldest batches."""
+    measured = await _within_budget(
+        context,
+        "The space of runs past the default retention",
+        measure_expired_space(COUNT_BUDGET_SECONDS / 2),
+    )
+    if measured is None:
+        return None, "an unmeasured space (see the notes)"
+    if not measured.measures_space:
+        return None, "a space not estimated here (measuring rows takes a PostgreSQL database)"
+    found = sum(measured.totals.bytes.values())
+    if measured.complete:
+        return found, f"about {human_bytes(found)} (as the retention dry run measures them)"
+    if not measured.top_level_runs:
+        return None, "a space not measured within the time budget"
+    extrapolated = round(found * measured.candidates / measured.top_level_runs)
+    return extrapolated, (
+        f"about {human_bytes(extrapolated)} (extrapolated from the oldest {measured.top_level_runs:,} of "
+        f"{measured.candidates:,}, whose rows take {human_bytes(found)})"
+    )
 
 
 EXPIRED_RUNS = Check(
@@ -103,7 +132,8 @@ EXPIRED_RUNS = Check(
     _expired_runs,
     WhenPositive("info"),
     "Finished top-level runs (with their subflows) older than the default retention ({retention}): "
-    "{value}. Run the retention deployment (a dry run first: dry_run=true); {server_vacuum}",
+    "{value}; their rows take {space}. " + SPACE_REUSE + " Run the retention deployment "
+    "(a dry run first: dry_run=true); {server_vacuum}",
     unit="run",
     shows="{value} past retention",
     backends=("postgresql", "sqlite"),

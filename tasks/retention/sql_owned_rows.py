@@ -1,0 +1,176 @@
+"""What a batch's runs own in Prefect's database: counted and measured (a dry run), or
+deleted and measured (a real run), in the batch's transaction.
+
+Part of the SQL engine (`sql_engine` judges the batch and hands the accepted runs here):
+the SQL engine's modules are the only ones in the project that write to Prefect's tables.
+The runs' task run cache rows, logs and artifacts go first (no foreign key cascades to
+them), then their task runs and the runs themselves, whose states and inputs cascade; the
+artifact collections whose latest artifact went are re-pointed or removed last. Every
+delete sums the space of its rows (`PrefectDatabase.row_bytes`, PostgreSQL); a dry run
+counts and measures the very same rows and forecasts the collections
+(`artifact_collections.CollectionForecast`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tasks.retention.artifact_collections import CollectionForecast
+from tasks.retention.report import BatchOutcome
+from tasks.retention.sql_database import (
+    ARTIFACT,
+    FLOW_RUN,
+    FLOW_RUN_INPUT,
+    FLOW_RUN_STATE,
+    LOG,
+    TASK_RUN,
+    TASK_RUN_STATE,
+    TASK_RUN_STATE_CACHE,
+    PrefectDatabase,
+)
+
+
+class Measured:
+    """Rows per table, and the space they take (None: not measured, on SQLite)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.bytes: dict[str, int] | None = {}
+
+    def add(self, table: sa.Table, counted: tuple[int, int | None]) -> None:
+        rows, size = counted
+        self.rows[table.name] = rows
+        if size is None or self.bytes is None:
+            self.bytes = None
+        else:
+            self.bytes[table.name] = int(size)
+
+
+class OwnedRows:
+    """The rows of a batch's accepted runs, on the SQL engine's database."""
+
+    def __init__(self, database: PrefectDatabase) -> None:
+        self._database = database
+        # A dry run's memory of the artifact collections its batches would change.
+        self._forecast = CollectionForecast(repairs_missing_latest=True)
+
+    async def _rows_of(
+        self, connection: AsyncConnection, flow_run_ids: list[UUID]
+    ) -> list[tuple[sa.Table, sa.ColumnElement[bool]]]:
+        """What the runs own, in deletion order; flow_run_state, task_run_state and flow_run_input cascade."""
+        task_runs = sa.select(TASK_RUN.c.id).where(self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids))
+        owned = []
+        # Prefect 3 clients no longer write cache rows: usually there are none, or a few,
+        # and the planner starts from them; when there are none the statement is skipped.
+        if (await connection.execute(sa.select(sa.exists().select_from(TASK_RUN_STATE_CACHE)))).scalar():
+            states = sa.select(TASK_RUN_STATE.c.id).where(TASK_RUN_STATE.c.task_run_id.in_(task_runs))
+            owned.append((TASK_RUN_STATE_CACHE, TASK_RUN_STATE_CACHE.c.task_run_state_id.in_(states)))
+        return owned + [
+            (LOG, self._database.among(LOG.c.flow_run_id, flow_run_ids)),
+            (ARTIFACT, self._database.among(ARTIFACT.c.flow_run_id, flow_run_ids)),
+            (TASK_RUN, self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids)),
+            (FLOW_RUN, self._database.among(FLOW_RUN.c.id, flow_run_ids)),
+        ]
+
+    async def _cascaded(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> Measured:
+        """The rows the deletes take with them by foreign-key cascade, measured before: the
+        report says everything that went. Deleting them explicitly first would cost more:
+        the runs' `state_id` would be set to NULL row by row before the runs go."""
+        task_runs = sa.select(TASK_RUN.c.id).where(self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids))
+        cascades = (
+            (FLOW_RUN_STATE, self._database.among(FLOW_RUN_STATE.c.flow_run_id, flow_run_ids)),
+            (TASK_RUN_STATE, TASK_RUN_STATE.c.task_run_id.in_(task_runs)),
+            (FLOW_RUN_INPUT, self._database.among(FLOW_RUN_INPUT.c.flow_run_id, flow_run_ids)),
+        )
+        measured = Measured()
+        for table, owned in cascades:
+            measured.add(table, (await connection.execute(self._measure(table, owned))).one())
+        return measured
+
+    def _measure(self, table: sa.Table, condition: sa.ColumnElement[bool]) -> sa.Select:
+        """How many rows of `table` match, and (PostgreSQL) the space they take.
+
+        Each row is sized in a materialized CTE: summed straight in the aggregate, the
+        whole-row value reaches `pg_column_size` rebuilt, and measured a few bytes short of
+        the row as stored (and as a delete's RETURNING measures it)."""
+        size = self._database.row_bytes(table)
+        if size is None:
+            return sa.select(sa.func.count(), sa.null()).select_from(table).where(condition)
+        sized = (
+            sa.select(size.label("bytes"))
+            .where(condition)
+            .cte(f"sized_{table.name}")
+            .prefix_with("MATERIALIZED")
+        )
+        return sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(sized.c.bytes), 0)).select_from(sized)
+
+    async def count(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> BatchOutcome:
+        """The rows a real run would delete with the runs, their space, and the collections it would change."""
+        if not flow_run_ids:
+            return BatchOutcome()
+        measured = await self._cascaded(connection, flow_run_ids)
+        for table, owned in await self._rows_of(connection, flow_run_ids):
+            measured.add(table, (await self._execute(connection, table, self._measure(table, owned))).one())
+        keyed = await connection.execute(
+            sa.select(ARTIFACT.c.id, ARTIFACT.c.key).where(
+                self._database.among(ARTIFACT.c.flow_run_id, flow_run_ids), ARTIFACT.c.key.is_not(None)
+            )
+        )
+        changes = await self._forecast.forecast(
+            keyed.all(),
+            lambda keys: self._database.collections_of(connection, keys),
+            lambda keys: self._database.artifacts_per_key(connection, keys),
+        )
+        return BatchOutcome(rows=measured.rows, bytes=measured.bytes, collections=changes)
+
+    async def delete(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> BatchOutcome:
+        """Delete the runs with what they own; the rows deleted, their space, the collections changed."""
+        if not flow_run_ids:
+            return BatchOutcome()
+        measured = await self._cascaded(connection, flow_run_ids)
+        owned_rows = await self._rows_of(connection, flow_run_ids)
+        # Deleting the task runs sets `parent_task_run_id` of the subflows to NULL, a new and
+        # smaller version of their rows: the runs are measured as they were, as a dry run sees them.
+        runs_before = dict(owned_rows)[FLOW_RUN]
+        runs_bytes = (await connection.execute(self._measure(FLOW_RUN, runs_before))).one()[1]
+        artifact_keys: set[str] = set()
+        for table, owned in owned_rows:
+            size = self._database.row_bytes(table)
+            if table is FLOW_RUN:
+                measured.add(
+                    table, ((await connection.execute(sa.delete(table).where(owned))).rowcount, runs_bytes)
+                )
+            elif table is ARTIFACT:
+                returned = [ARTIFACT.c.key, (size if size is not None else sa.null()).label("bytes")]
+                rows = (await connection.execute(sa.delete(ARTIFACT).where(owned).returning(*returned))).all()
+                artifact_keys.update(row.key for row in rows if row.key is not None)
+                measured.add(table, (len(rows), sum(row.bytes for row in rows) if size is not None else None))
+            elif size is None:
+                deleted = await self._execute(connection, table, sa.delete(table).where(owned))
+                measured.add(table, (deleted.rowcount, None))
+            else:
+                # The database sums the deleted rows' sizes: one row comes back, not one per row.
+                gone = sa.delete(table).where(owned).returning(size.label("bytes")).cte("gone")
+                summed = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(gone.c.bytes), 0))
+                measured.add(table, (await self._execute(connection, table, summed)).one())
+        changes = await self._database.repair_collections(connection, artifact_keys)
+        return BatchOutcome(rows=measured.rows, bytes=measured.bytes, collections=changes)
+
+    async def _execute(self, connection: AsyncConnection, table: sa.Table, statement: sa.Executable) -> Any:
+        """Execute one statement over the batch's rows of `table`.
+
+        The cache rows' statement is planned for the batch's own ids: after five runs of a
+        prepared statement PostgreSQL would reuse a generic plan that cannot see them
+        (measured: 15-45 ms a batch instead of under 1 ms). Not the other statements: the
+        foreign-key cascades of the deletes would then be re-planned for every row.
+        """
+        if table is not TASK_RUN_STATE_CACHE or self._database.dialect != "postgresql":
+            return await connection.execute(statement)
+        await connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
+        result = await connection.execute(statement)
+        await connection.exec_driver_sql("SET LOCAL plan_cache_mode = DEFAULT")
+        return result

@@ -181,6 +181,12 @@ async def test_a_small_table_is_counted_exactly_whatever_the_statistics_say(on_m
         "DELETE FROM health_probe_small WHERE id > 24"
     )
     psql("SELECT pg_stat_reset_single_table_counters('health_probe_small'::regclass)")
+    # And a table above minimum_megabytes (10 MB), which stays on its statistics.
+    psql(
+        "CREATE TABLE IF NOT EXISTS health_probe_large AS "
+        "SELECT g AS id, repeat(md5(g::text), 4) AS payload FROM generate_series(1, 80000) AS g; "
+        "ANALYZE health_probe_large"
+    )
     counted = int(psql("SELECT count(*) FROM health_probe_small"))
     assert counted == 24
 
@@ -211,8 +217,9 @@ async def test_a_small_table_is_counted_exactly_whatever_the_statistics_say(on_m
     markdown = (await artifacts_of(flow_run_id))["db-health-report"]["data"]
     assert f"| health_probe_small | 24 | 10 | {small.dead_percent:g}% | pgstattuple |" in markdown
     # A big table stays an estimate unless exact asks for pgstattuple_approx.
-    big = [table for table in report.tables if table.total_bytes >= 10 * 1024 * 1024]
-    assert big and {table.rows_method for table in big} == {"statistics"}
+    large = table_named(report, "health_probe_large")
+    assert large.total_bytes >= 10 * 1024 * 1024
+    assert large.rows_method == "statistics"
 
 
 async def test_idle_transaction_and_the_query_it_blocks_are_flagged_with_their_pids(on_module_server, psql):

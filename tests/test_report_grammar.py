@@ -21,6 +21,7 @@ def retention_report(count: int) -> RetentionReport:
         days_per_state={"COMPLETED": count, "FAILED": 30},
         flow_runs_deleted=count,
         rows_deleted={"flow_run": count},
+        bytes_deleted={"flow_run": 1000 * count},
         orphan_rows_deleted={},
         event_rows_deleted={},
         by_state={"COMPLETED": count},

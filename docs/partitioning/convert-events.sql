@@ -34,12 +34,15 @@ BEGIN
         FROM pg_indexes
         WHERE schemaname = 'public' AND tablename = parent AND indexname NOT IN ('pk_' || parent, parent || '_id_occurred');
         EXECUTE format('ALTER TABLE %I RENAME TO %I', parent, legacy);
-        -- Its primary key on id alone makes way for the partitioned table's on (id, occurred),
-        -- which adopts the unique index made in step 1.
+        -- Its primary key on id alone makes way for one on (id, occurred), on the unique
+        -- index made in step 1 (no build): the partitioned table's primary key adopts it.
         EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', legacy, 'pk_' || parent);
+        EXECUTE format(
+            'ALTER TABLE %I ADD CONSTRAINT %I PRIMARY KEY USING INDEX %I', legacy, legacy || '_pk', parent || '_id_occurred'
+        );
         FOR definition IN
             SELECT indexname FROM pg_indexes
-            WHERE schemaname = 'public' AND tablename = legacy AND indexname <> parent || '_id_occurred'
+            WHERE schemaname = 'public' AND tablename = legacy AND indexname NOT IN (parent || '_id_occurred', legacy || '_pk')
         LOOP
             EXECUTE format('ALTER INDEX %I RENAME TO %I', definition.indexname, 'legacy_' || definition.indexname);
         END LOOP;

@@ -18,6 +18,7 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
+from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Throttle
@@ -28,6 +29,8 @@ from tasks.retention.sql_housekeeping import SqlHousekeeping
 class RetentionEngine(Protocol):
     # The report's `engine`: "sql" or "api".
     name: str
+    # Where each batch's rows are written (and verified) before the batch deletes them; None: nowhere.
+    archive: BatchArchive | None
 
     @property
     def housekeeping(self) -> SqlHousekeeping | None:

@@ -12,6 +12,7 @@ Per batch of top-level runs, one short transaction:
 3. delete what the accepted runs own and no foreign key cascades to (task run cache rows,
    logs, artifacts), then the task runs and flow runs (their states and inputs cascade), and
    re-point or delete the artifact collections whose latest artifact went.
+With `archive_to`, the accepted trees' rows are archived (`sql_archive`) between 2 and 3.
 A run that changed or is locked is left for the next run; a batch that cannot get its
 locks within `lock_timeout` is left whole. A purge holds a PostgreSQL advisory lock, so two
 purges never overlap.
@@ -34,10 +35,12 @@ from prefect.server.schemas.states import StateType
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord, judge_trees
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import BatchOutcome
+from tasks.retention.sql_archive import archive_batch
 from tasks.retention.sql_database import (
     ARTIFACT,
     DEPLOYMENT,
@@ -117,6 +120,7 @@ class SqlEngine:
 
     # Orphans, old events and VACUUM: the SQL engine's own housekeeping module.
     housekeeping: SqlHousekeeping
+    archive: BatchArchive | None = None
 
     def __init__(self, database: PrefectDatabase) -> None:
         self._database = database
@@ -301,6 +305,9 @@ class SqlEngine:
                 current = await self._read_runs(connection, every_id, lock=not dry_run)
                 verdict = judge_trees(root_ids, members_of, current, policy)
                 accepted = [run.id for run in verdict.accepted]
+                if self.archive is not None:
+                    # In the batch's transaction: a failed archive rolls the batch back.
+                    await archive_batch(connection, self._database.dialect, self.archive, accepted)
                 rows = (
                     await self._count_owned(connection, accepted)
                     if dry_run

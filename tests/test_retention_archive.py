@@ -24,11 +24,13 @@ import duckdb
 import fsspec
 import httpx
 import pytest
+from conftest import serving
 from fsspec.implementations.local import LocalFileSystem
 from history import QUICK, PlannedRun, create_history, existing, rows
 from prefect.filesystems import LocalFileSystem as LocalFileSystemBlock
 
 from flows.retention import RetentionFailed, retention
+from localstack.prefect_versions import run_with_client
 from localstack.stack import free_port
 from tasks.database import connect
 from tasks.parameters import ParameterError
@@ -281,6 +283,15 @@ async def test_a_bad_archive_to_fails_before_anything_is_read(on_module_server, 
 async def test_restore_from_the_command_line_says_what_it_skipped(on_module_server, tmp_path):
     roots, flow_names = await archived_history("archive-cli", 1)
     await retention(engine="sql", flow_names=flow_names, archive_to=str(tmp_path), **QUICK)
+    # Meanwhile the runs' deployment was deleted too: the runs come back without one.
+    async with prefect_client() as client:
+        (deployment,) = await call(
+            client,
+            "POST",
+            "/deployments/filter",
+            json={"deployments": {"name": {"any_": ["archive-cli-deployment"]}}},
+        )
+        await call(client, "DELETE", f"/deployments/{deployment['id']}")
     command = [sys.executable, "-m", "tasks.retention.sql_archive", "restore", str(tmp_path)]
     environment = {**os.environ, "MAINTENANCE_DATABASE_URL": on_module_server.database_url}
 
@@ -292,4 +303,50 @@ async def test_restore_from_the_command_line_says_what_it_skipped(on_module_serv
 
     assert first.startswith("restored 2 flow runs from 1 files")
     assert await existing(roots) == set(roots)
+    async with prefect_client() as client:
+        run = await call(client, "GET", f"/flow_runs/{roots[0]}")
+    assert run["deployment_id"] is None and run["state"]["type"] == "COMPLETED"
     assert second.startswith("restored 0 flow runs") and str(roots[0]) in second
+
+
+@pytest.mark.parametrize("engine", ["sql", "api"])
+async def test_prefect_3_1_archives_to_a_block_and_restores(fresh_server, tmp_path, engine):
+    """Prefect 3.1's blocks write through `sync_compatible` methods (3.9's: `async_dispatch`):
+    the flow run by 3.1's client archives to a block on a 3.1 server, and its archive restores."""
+    server = fresh_server(version="3.1.15")
+    with serving(server):
+        roots, flow_names = await archived_history(f"archive-old-{engine}", 2)
+        before = await everything_owned(roots)
+
+        def with_old_client(*arguments: str) -> str:
+            result = run_with_client(
+                "3.1.15",
+                list(arguments),
+                api_url=server.api_url,
+                database_url=server.database_url,
+                home=tmp_path / "home",
+            )
+            assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+            return result.stdout
+
+        block = f"old-archive-{engine}"
+        await asyncio.to_thread(
+            with_old_client,
+            "-c",
+            f"from prefect.filesystems import LocalFileSystem; LocalFileSystem(basepath={str(tmp_path / 'archive')!r}).save({block!r})",
+        )
+        report_path = tmp_path / "report.json"
+        options = ["retention", "--engine", engine, "--archive-to", f"local-file-system/{block}", "--yes"]
+        options += ["--max-runs-per-second", "0", "--events-older-than-days", "none", "--no-vacuum"]
+        options += [argument for name in flow_names for argument in ("--flow-name", name)]
+        await asyncio.to_thread(with_old_client, "-m", "cli", *options, "--json", str(report_path))
+
+        assert json.loads(report_path.read_text())["flow_runs_deleted"] == 4
+        assert not await existing(roots)
+        restored = await restore(str(tmp_path / "archive"), server.database_url)
+        assert len(restored.restored) == 4
+        ids = {table: {json.loads(row)["id"] for row in table_rows} for table, table_rows in before.items()}
+        after = await everything_owned(roots)
+        assert {
+            table: {json.loads(row)["id"] for row in table_rows} for table, table_rows in after.items()
+        } == ids

@@ -6,15 +6,17 @@ is reachable, else the API); resolve the policy; delete the expired runs batch b
 paced by the throttle and stopped at a batch boundary when `max_minutes` is up; sweep
 orphans; delete old events; vacuum what was deleted from; with the API engine, wait for
 the server to delete the deleted runs' logs; publish the `retention-report` artifact and
-return the report.
+return the report. With `archive_to`, every batch is archived before its deletes.
 """
 
 from contextlib import nullcontext
 from time import perf_counter
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from tasks.reports import publish_report, run_name
+from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import EngineChoice, RetentionParameters, TerminalState
 from tasks.retention.purge import (
     delete_old_events,
@@ -57,6 +59,7 @@ async def retention(
     events_older_than_days: float | None = DEFAULTS.events_older_than_days,
     heartbeat_events_older_than_days: float | None = DEFAULTS.heartbeat_events_older_than_days,
     vacuum: bool = DEFAULTS.vacuum,
+    archive_to: str = DEFAULTS.archive_to,
 ) -> RetentionReport:
     """Delete finished flow runs past their retention age, their subflows, and what they own.
 
@@ -91,6 +94,10 @@ async def retention(
         heartbeat_events_older_than_days: the shorter age for flow-run heartbeat events;
             empty: the same as other events.
         vacuum: VACUUM (ANALYZE) the tables rows were deleted from (SQL engine).
+        archive_to: before deleting, write each batch's runs (states, task runs, inputs,
+            logs, artifacts) as gzip JSON Lines to this storage block
+            ("local-file-system/<name>", "remote-file-system/<name>", "s3-bucket/<name>")
+            or fsspec URL or absolute path ("s3://bucket/prefix"); empty: no archive.
     """
     parameters = RetentionParameters.parse(
         older_than_days=older_than_days,
@@ -110,6 +117,7 @@ async def retention(
         events_older_than_days=events_older_than_days,
         heartbeat_events_older_than_days=heartbeat_events_older_than_days,
         vacuum=vacuum,
+        archive_to=archive_to,
     )
     logger = get_run_logger()
     settings = get_settings()
@@ -121,7 +129,11 @@ async def retention(
     throttle = Throttle(rate)
     deadline = Deadline(parameters.max_minutes)
     started = perf_counter()
+    archive = await BatchArchive.open(
+        parameters.archive_to, flow_run.name or "retention", flow_run.id or "", dry_run=parameters.dry_run
+    )
     async with open_engine(parameters.engine, throttle) as chosen:
+        chosen.archive = archive
         logger.info("Retention with the %s engine%s", chosen.name, " (dry run)" if parameters.dry_run else "")
         policy = await resolve_policy(chosen, parameters)
         async with nullcontext() if parameters.dry_run else chosen.exclusive():
@@ -134,8 +146,10 @@ async def retention(
         flow_names_by_id, deployment_names_by_id = await chosen.names_of(
             purge.totals.flow_ids, purge.totals.deployment_ids
         )
-    notes = limitations(chosen, parameters, logs_queued) + (
-        [f"Stopped by an error: {purge.error}"] if purge.error else []
+    notes = (
+        limitations(chosen, parameters, logs_queued)
+        + (archive.notes() if archive else [])
+        + ([f"Stopped by an error: {purge.error}"] if purge.error else [])
     )
     report = RetentionReport.build(
         purge.totals,

@@ -9,6 +9,8 @@ Servers before 3.6.16 have no `bulk_delete`; there each run is read again just b
 `DELETE /flow_runs/{id}` (which deletes a run in any state) and deleted only if it still
 reads exactly as the policy judged it. The deleted runs' artifacts go with
 `DELETE /artifacts/{id}` (the server re-points their collections: `artifact_collections`).
+With `archive_to`, the accepted trees are read through the API and archived (`api_archive`)
+before the first delete.
 
 The API has no way to delete logs, cache rows or events. From 3.4.9 the server deletes a
 deleted run's logs itself, in its background queue. That queue is in memory by default
@@ -55,6 +57,8 @@ from tasks.prefect_api import (
     version_text,
 )
 from tasks.reports import plural
+from tasks.retention.api_archive import api_batch_rows
+from tasks.retention.archive import BatchArchive
 from tasks.retention.artifact_collections import ApiArtifacts
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import CHANGED, RetentionPolicy, RunRecord, age_reference, judge_trees
@@ -108,6 +112,7 @@ class ApiEngine:
     measures_space = False
     # Old events, orphans and VACUUM need the database itself: the API has no route for them.
     housekeeping: SqlHousekeeping | None = None
+    archive: BatchArchive | None = None
 
     def __init__(
         self,
@@ -351,6 +356,9 @@ class ApiEngine:
             return BatchOutcome(left=verdict.left, seconds=perf_counter() - started)
         # Read before the runs go: their task runs' states cascade away with them.
         states_of = await self._cached_states_of(accepted_ids) if self._database is not None else {}
+        if self.archive is not None:
+            # Written and read back before the first delete: a failed archive deletes nothing.
+            await self.archive.keep(await api_batch_rows(self._client, self._with_backoff, accepted_ids))
         if dry_run:
             artifacts, changes = await self._artifacts.forecast(accepted_ids)
             rows = {"flow_run": len(accepted_ids), "artifact": artifacts}

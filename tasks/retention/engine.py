@@ -18,6 +18,7 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
+from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord
 from tasks.retention.rate_limit import Throttle
@@ -30,6 +31,8 @@ class RetentionEngine(Protocol):
     name: str
     # Whether its batches measure the space of the rows they delete.
     measures_space: bool
+    # Where each batch's rows are written (and verified) before the batch deletes them; None: nowhere.
+    archive: BatchArchive | None
 
     @property
     def housekeeping(self) -> SqlHousekeeping | None:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from tasks.parameters import FlowParameters
 from tasks.prefect_api import TERMINAL_STATES, DeploymentName, TerminalState
+from tasks.retention.archive import check_archive_to
 
 EngineChoice = Literal["auto", "api", "sql"]
 
@@ -44,6 +45,7 @@ class RetentionParameters(FlowParameters):
     events_older_than_days: float | None = 7.0
     heartbeat_events_older_than_days: float | None = 1.0
     vacuum: bool = True
+    archive_to: str = ""
 
     @field_validator("older_than_days", "events_older_than_days", "heartbeat_events_older_than_days")
     @classmethod
@@ -51,6 +53,11 @@ class RetentionParameters(FlowParameters):
         if days is not None and not days > MINIMUM_AGE_DAYS:
             raise ValueError(f"must be more than one hour ({MINIMUM_AGE_DAYS:.4f} days), got {days}")
         return days
+
+    @field_validator("archive_to")
+    @classmethod
+    def _archive_destination(cls, archive_to: str) -> str:
+        return check_archive_to(archive_to)
 
     @field_validator("per_state_days")
     @classmethod

@@ -13,6 +13,7 @@ Per batch of top-level runs, one short transaction:
 3. delete the accepted runs with what they own, measuring the space of the rows, and
    re-point or delete the artifact collections whose latest artifact went (`sql_owned_rows`;
    a dry run counts and measures the same rows and forecasts the collections).
+With `archive_to`, the accepted trees' rows are archived (`sql_archive`) between 2 and 3.
 A run that changed or is locked is left for the next run; a batch that cannot get its
 locks within `lock_timeout` is left whole. A purge holds a PostgreSQL advisory lock, so two
 purges never overlap.
@@ -35,10 +36,12 @@ from prefect.server.schemas.states import StateType
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
 from tasks.retention.policy import RetentionPolicy, RunRecord, judge_trees
 from tasks.retention.rate_limit import Throttle
 from tasks.retention.report import BatchOutcome
+from tasks.retention.sql_archive import archive_batch
 from tasks.retention.sql_database import (
     DEPLOYMENT,
     FLOW,
@@ -113,6 +116,7 @@ class SqlEngine:
 
     # Orphans, old events and VACUUM: the SQL engine's own housekeeping module.
     housekeeping: SqlHousekeeping
+    archive: BatchArchive | None = None
 
     def __init__(self, database: PrefectDatabase) -> None:
         self._database = database
@@ -303,6 +307,9 @@ class SqlEngine:
                 current = await self._read_runs(connection, every_id, lock=not dry_run)
                 verdict = judge_trees(root_ids, members_of, current, policy)
                 accepted = [run.id for run in verdict.accepted]
+                if self.archive is not None:
+                    # In the batch's transaction: a failed archive rolls the batch back.
+                    await archive_batch(connection, self._database.dialect, self.archive, accepted)
                 outcome = (
                     await self._owned.count(connection, accepted)
                     if dry_run

@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from history import QUICK, PlannedRun, create_history, existing, rows
 from prefect.filesystems import LocalFileSystem as LocalFileSystemBlock
 
+from deploy import PROJECT_ROOT
 from flows.retention import RetentionFailed, retention
 from localstack.prefect_versions import run_with_client
 from localstack.stack import free_port
@@ -40,12 +41,18 @@ from tasks.retention.sql_archive import batch_rows, restore
 from tasks.settings import get_settings
 
 BUCKET = "prefect-archive"
-# The README's query: every archived flow run, with the retention run that archived it.
-README_QUERY = (
-    "SELECT \"row\"->>'name' AS flow_run, \"row\"->>'state_name' AS state, run "
-    "FROM read_json('{root}/retention/*/*/*.jsonl.gz', columns = {{'table': 'VARCHAR', 'row': 'JSON'}}, "
-    "hive_partitioning = true) WHERE \"table\" = 'flow_run'"
-)
+
+
+def readme_query(root: Path) -> str:
+    """The README's DuckDB query (every archived flow run, with the retention run that
+    archived it), as the README prints it, on the archive under `root`."""
+    line = next(
+        line
+        for line in (PROJECT_ROOT / "README.md").read_text().splitlines()
+        if line.startswith("duckdb -c ")
+    )
+    query = line.removeprefix("duckdb -c ").strip('"').replace('\\"', '"')
+    return query.replace("'archive/retention/", f"'{root}/retention/")
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +266,7 @@ async def test_duckdb_reads_the_archive_with_the_readme_query(on_module_server, 
     roots, flow_names = await archived_history("archive-duckdb", 2)
     await retention(engine="sql", flow_names=flow_names, archive_to=str(tmp_path), **QUICK)
 
-    found = duckdb.sql(README_QUERY.format(root=tmp_path)).fetchall()
+    found = duckdb.sql(readme_query(tmp_path)).fetchall()
 
     assert sorted(name for name, _, _ in found) == sorted(f"archive-duckdb-run-{index}" for index in range(4))
     assert {state for _, state, _ in found} == {"Completed", "Failed"}

@@ -171,7 +171,8 @@ def add_flow_options(parser: argparse.ArgumentParser, flow) -> dict[str, str]:
         else:
             arguments.update(type=_scalar(branch, nullable))
             arguments["metavar"] = "|".join(map(str, branch.get("enum", []))) or kind.upper()
-            shown = "none" if default is None else str(default)
+            # An empty text default means "not set": the description says what that does.
+            shown = "none" if default is None else str(default) or None
         help_text = description if shown is None else f"{description} (default: {shown})"
         parser.add_argument(option, help=help_text.replace("%", "%%"), **arguments)
     return options

@@ -45,7 +45,7 @@ from localstack.seed import MessyHistory, seed_messy_history
 from tasks.database import connect
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reports import human_bytes
-from tasks.retention import api_engine
+from tasks.retention import api_engine, api_logs
 from tasks.retention.api_engine import ATTEMPTS, ApiEngine
 from tasks.retention.artifact_collections import REPOINTED
 from tasks.retention.parameters import RetentionParameters
@@ -276,7 +276,7 @@ async def test_the_api_engine_deletes_no_more_while_the_servers_log_queue_is_ful
     async with open_engine("api", Throttle(0)) as engine:
         policy = await build_policy(engine, parameters)
         [batch] = [batch.runs async for batch in expired_batches(engine, policy, 10)]
-        engine.expect_log_deletion([queued])
+        engine.logs.expect([queued])
         deleting = asyncio.create_task(engine.process_batch(batch, policy, dry_run=False))
         await asyncio.sleep(2)
         assert not deleting.done() and await existing(ids) == set(ids), "the batch waits for the server"
@@ -293,7 +293,7 @@ async def test_the_api_engine_deletes_no_more_while_the_servers_log_queue_is_ful
 async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
     on_module_server, monkeypatch
 ):
-    monkeypatch.setattr(api_engine, "LOG_STALL_SECONDS", 1.0)
+    monkeypatch.setattr(api_logs, "LOG_STALL_SECONDS", 1.0)
     # A deleted run whose queued log deletion the server lost (say, in a restart).
     lost = uuid.uuid4()
     async with connect() as connection:
@@ -301,7 +301,7 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
         await connection.commit()
     try:
         async with ApiEngine.open(None, Throttle(0), concurrency=2) as engine:
-            engine.expect_log_deletion([lost])
+            engine.logs.expect([lost])
             assert await engine.wait_for_log_deletion() == 1
     finally:
         # Leave the module server as it was.
@@ -309,7 +309,7 @@ async def test_the_api_engine_stops_waiting_for_logs_the_server_does_not_delete(
             await connection.execute(sa.text("DELETE FROM log WHERE flow_run_id = :lost"), {"lost": lost})
             await connection.commit()
     notes = limitations(engine, RetentionParameters(engine="api"), logs_queued=1)
-    assert any("up to 1 deleted runs were still in the server's deletion queue" in note for note in notes)
+    assert any("up to 1 deleted run were still in the server's deletion queue" in note for note in notes)
 
 
 async def test_orphans_and_old_events_are_swept_in_batches(on_fresh_server):

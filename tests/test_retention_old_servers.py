@@ -22,7 +22,7 @@ from flows.retention import retention
 from localstack.orphans import count_orphans
 from localstack.seed import seed_messy_history
 from tasks.prefect_api import prefect_client
-from tasks.retention import api_engine
+from tasks.retention import api_logs
 from tasks.retention.policy import CHANGED
 
 
@@ -81,7 +81,7 @@ async def test_on_prefect_3_1_the_api_engine_says_which_logs_stay_and_waits_for_
         assert dry.flow_runs_deleted == report.flow_runs_deleted == len(expected)
         assert report.rows_deleted == dry.rows_deleted
         # Nothing waits for a log deletion that never comes.
-        assert report.seconds < api_engine.LOG_STALL_SECONDS
+        assert report.seconds < api_logs.LOG_STALL_SECONDS
         stay = (
             "this server (Prefect 3.1.15) never deletes the logs of deleted runs (Prefect does from "
             f"3.4.9): the logs of the {len(expected)} "

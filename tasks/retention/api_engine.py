@@ -12,17 +12,12 @@ reads exactly as the policy judged it. The deleted runs' artifacts go with
 With `archive_to`, the accepted trees are read through the API and archived (`api_archive`)
 before the first delete.
 
-The API has no way to delete logs, cache rows or events. From 3.4.9 the server deletes a
-deleted run's logs itself, in its background queue. That queue is in memory by default
-(lost if the server restarts) and drains far slower than runs are deleted, so the engine
-keeps it short: at most `LOG_QUEUE_RUNS` deleted runs may still have logs before the next
-batch waits for the server, and at the end the purge waits until every deleted run's logs
-are gone (or the server stops making progress). Older servers never delete them, so
-nothing is waited for. With a database configured (engine "api" chosen explicitly), what
-the API leaves (those logs, and the task run cache rows of the deleted runs) is deleted by
-the ids of each batch through the SQL engine's housekeeping (the SQL engine's modules are
-the only ones that write to Prefect's tables); without one it stays, and the report says
-so (`limitations`).
+The API has no way to delete logs, cache rows or events. The server deletes a deleted
+run's logs itself from 3.4.9, in a queue the engine waits for (`api_logs`). With a database
+configured (engine "api" chosen explicitly), what the API leaves (the logs older servers
+keep, and the task run cache rows of the deleted runs) is deleted by the ids of each batch
+through the SQL engine's housekeeping (the SQL engine's modules are the only ones that
+write to Prefect's tables); without one it stays, and the report says so (`limitations`).
 
 Calls run with bounded concurrency; 429, 5xx answers and timeouts slow the throttle down
 and are retried after a back-off.
@@ -34,7 +29,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, nullcontext
-from time import monotonic, perf_counter
+from time import perf_counter
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -54,10 +49,9 @@ from tasks.prefect_api import (
     prefect_client,
     server_has,
     server_version,
-    version_text,
 )
-from tasks.reports import plural
 from tasks.retention.api_archive import api_batch_rows
+from tasks.retention.api_logs import LOG_QUEUE_RUNS, DeletedRunLogs
 from tasks.retention.archive import BatchArchive
 from tasks.retention.artifact_collections import ApiArtifacts
 from tasks.retention.parameters import TERMINAL_STATES, RetentionParameters
@@ -70,13 +64,6 @@ from tasks.retention.sql_housekeeping import SqlHousekeeping
 # Answers that mean "the server is struggling": slow down and try again.
 PUSHBACK_STATUSES = {429, 500, 502, 503, 504}
 ATTEMPTS = 5
-# Deleted runs whose logs may wait in the server's queue before the next batch waits too.
-LOG_QUEUE_RUNS = 1_000
-LOG_POLL_SECONDS = 0.5
-# Deleted runs looked up per call; the server mostly deletes their logs in order.
-LOG_CHECK_RUNS = 50
-# No run's logs deleted for this long: the server is not deleting them (stop waiting).
-LOG_STALL_SECONDS = 30.0
 T = TypeVar("T")
 
 
@@ -130,14 +117,14 @@ class ApiEngine:
         self._slots = asyncio.Semaphore(concurrency)
         self.server_version = server_version
         self._bulk_delete_exists = bulk_delete_exists
-        self.server_deletes_logs = server_deletes_logs
         # Deletes what the API cannot (logs the server keeps, cache rows); None without access.
         self._database = database
-        # Deleted runs whose logs the server may not have deleted yet, oldest first.
-        self._logs_queued: dict[UUID, None] = {}
-        self._log_deletion_stalled = False
-        # Deleted (in a dry run: to be deleted) runs whose logs nothing here deletes.
-        self.runs_with_logs_left = 0
+        self.logs = DeletedRunLogs(
+            self._call,
+            server_version=server_version,
+            server_deletes_logs=server_deletes_logs,
+            database_given=database is not None,
+        )
         self._artifacts = ApiArtifacts(self._all, self._call, self._gather)
 
     @classmethod
@@ -346,7 +333,7 @@ class ApiEngine:
     ) -> BatchOutcome:
         if not dry_run:
             # Before the batch's clock starts: the throttle paces deleting, not this wait.
-            await self._wait_for_log_deletion(LOG_QUEUE_RUNS)
+            await self.logs.wait(LOG_QUEUE_RUNS)
         started = perf_counter()
         root_ids = [run.id for run in roots]
         current, members_of, depth = await self._trees(root_ids)
@@ -449,59 +436,20 @@ class ApiEngine:
     ) -> dict[str, int]:
         """The deleted runs' logs and cache rows: queued with the server (logs, from 3.4.9),
         deleted through the database when there is one, else counted as left."""
-        if self.server_deletes_logs:
-            if not dry_run:
-                self.expect_log_deletion(flow_run_ids)
-        elif self._database is None:
-            self.runs_with_logs_left += len(flow_run_ids)
+        self.logs.deleting(flow_run_ids, dry_run=dry_run)
         if self._database is None:
             return {}
         return await self._database.delete_left_by_the_api(
-            [] if self.server_deletes_logs else flow_run_ids,
+            [] if self.logs.server_deletes_logs else flow_run_ids,
             [state_id for run_id in flow_run_ids for state_id in states_of.get(run_id, ())],
             dry_run=dry_run,
         )
-
-    # The server's log deletion -------------------------------------------------------
-
-    def expect_log_deletion(self, flow_run_ids: Iterable[UUID]) -> None:
-        """Deleted runs whose logs the server deletes in its queue: the next batch and the end of
-        the purge wait for them (see `LOG_QUEUE_RUNS`)."""
-        self._logs_queued.update(dict.fromkeys(flow_run_ids))
-
-    async def wait_for_log_deletion(self) -> int:
-        """Wait until the server has deleted the logs of every run this engine deleted, or
-        has stopped making progress; at most how many deleted runs still have logs."""
-        await self._wait_for_log_deletion(0)
-        return len(self._logs_queued)
-
-    async def _wait_for_log_deletion(self, at_most: int) -> None:
-        """Wait until at most `at_most` deleted runs still have logs."""
-        progress_at = monotonic()
-        while len(self._logs_queued) > at_most and not self._log_deletion_stalled:
-            before = len(self._logs_queued)
-            await self._forget_runs_without_logs()
-            if len(self._logs_queued) < before:
-                progress_at = monotonic()
-            elif monotonic() - progress_at > LOG_STALL_SECONDS:
-                self._log_deletion_stalled = True
-            elif len(self._logs_queued) > at_most:
-                await asyncio.sleep(LOG_POLL_SECONDS)
-
-    async def _forget_runs_without_logs(self) -> None:
-        """Drop queued runs, oldest first, a few at a time while none of them has a log left."""
-        for chunk in chunks(list(self._logs_queued), LOG_CHECK_RUNS):
-            body = {"logs": {"flow_run_id": {"any_": _ids(chunk)}}, "limit": 1}
-            if await self._call("POST", "/logs/filter", body):
-                return
-            for run_id in chunk:
-                del self._logs_queued[run_id]
 
     # The report's notes ----------------------------------------------------------------
 
     def limitations(self, parameters: RetentionParameters, logs_queued: int) -> list[str]:
         """What this run could not do or did not count, for the report's notes."""
-        notes = self._log_notes(parameters.dry_run, logs_queued)
+        notes = self.logs.notes(parameters.dry_run, logs_queued)
         if self._database is None:
             notes.append(
                 "API engine without database access: the task run cache rows of the deleted runs (if "
@@ -520,36 +468,7 @@ class ApiEngine:
             )
         return notes
 
-    def _log_notes(self, dry_run: bool, logs_queued: int) -> list[str]:
-        """Where the deleted runs' logs went, or stay: the server deletes them itself only from 3.4.9."""
-        if self.server_deletes_logs:
-            if dry_run:
-                return [
-                    "API engine: the server deletes the logs of the runs it deletes, in its background "
-                    "queue; logs are not counted here."
-                ]
-            if logs_queued:
-                return [
-                    f"API engine: the logs of up to {logs_queued} deleted runs were still in the server's "
-                    "deletion queue when it stopped making progress (the queue is kept in memory: lost if "
-                    "the server restarts; a run with database access and include_orphans sweeps them)."
-                ]
-            return [
-                "API engine: the server deleted the logs of the deleted runs in its background queue; "
-                "this run waited for it. Logs are not counted here."
-            ]
-        server = (
-            f"this server (Prefect {version_text(self.server_version)}) never deletes the logs of deleted "
-            f"runs (Prefect does from {version_text(DELETES_LOGS_OF_DELETED_RUNS)})"
-        )
-        if self._database is not None:
-            verb = "would delete" if dry_run else "deleted"
-            return [f"API engine: {server}; this run {verb} them through the database (counted under log)."]
-        sweep = "until a retention run with database access and include_orphans sweeps them."
-        if dry_run:
-            return [
-                f"API engine: {server}: the logs of the {plural(self.runs_with_logs_left, 'run')} to delete would stay {sweep}"
-            ]
-        return [
-            f"API engine: {server}: the logs of the {plural(self.runs_with_logs_left, 'deleted run')} stay {sweep}"
-        ]
+    async def wait_for_log_deletion(self) -> int:
+        """Wait until the server has deleted the logs of every run this engine deleted, or
+        has stopped making progress; at most how many deleted runs still have logs."""
+        return await self.logs.wait_for_all()

@@ -222,7 +222,9 @@ class PrefectServer:
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
 
-    def start(self, timeout: float = 90) -> PrefectServer:
+    # A bound on waiting, not a speed target: a first start after an install compiles
+    # Prefect's bytecode and migrates a new database, and test processes start side by side.
+    def start(self, timeout: float = 300) -> PrefectServer:
         if self.running_pid() and self.is_healthy():
             log.info("reusing the Prefect server already running at %s", self.api_url)
             return self

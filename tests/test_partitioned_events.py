@@ -113,7 +113,7 @@ async def test_partitioned_events_survive_a_3_4_server_a_3_9_upgrade_and_retenti
     # PostgreSQL refuses on a partitioned table: unchanged, the new server does not start.
     new = PrefectServer(home=tmp_path / "new", database_url=old.database_url, port=free_port())
     try:
-        new.start(timeout=120)
+        new.start()
         raise AssertionError("the 3.9 server started without the documented upgrade steps")
     except RuntimeError as error:
         assert "cannot create index on partitioned table" in str(error)
@@ -121,7 +121,7 @@ async def test_partitioned_events_survive_a_3_4_server_a_3_9_upgrade_and_retenti
     stack.postgres.psql_file(SCRIPTS / "before-upgrade-3.8.sql", database=database)
     prefect_database(new, "stamp", CONCURRENT_INDEXES_DONE)
     prefect_database(new, "upgrade", "-y")
-    new.start(timeout=120)
+    new.start()
     try:
         with serving(new):
             newest = await events_of_runs("newest", 1)

@@ -452,5 +452,5 @@ async def test_the_health_report_lists_every_limit_and_flags_slots_no_live_run_h
     assert set(flags) == {f"deployment:{short} (hold-slot/freed-twice)"}
     assert flags[f"deployment:{short} (hold-slot/freed-twice)"].value == 1
     assert (
-        "admits 1 run(s) beyond its limit of 1" in flags[f"deployment:{short} (hold-slot/freed-twice)"].advice
+        "admits 1 run beyond its limit of 1" in flags[f"deployment:{short} (hold-slot/freed-twice)"].advice
     )

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -82,6 +83,13 @@ def _default_server(request) -> Iterator[None]:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "no_stack: the test needs no Prefect server")
+
+
+def pytest_unconfigure(config) -> None:
+    """The session's servers and PostgreSQL have stopped: their files go too (about 1 GB a
+    process), unless MAINTENANCE_KEEP_TEST_FILES asks to keep them for a post-mortem."""
+    if not os.environ.get("MAINTENANCE_KEEP_TEST_FILES"):
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

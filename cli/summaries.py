@@ -49,6 +49,9 @@ def retention_summary(report: Any) -> list[str]:
     for title, rows in (("orphans", report.orphan_rows_deleted), ("events", report.event_rows_deleted)):
         if any(rows.values()):
             lines.append(f"  {verb} {title}: {counts(rows)}")
+    if report.partitions_dropped:
+        names = ", ".join(partition.partition for partition in report.partitions_dropped)
+        lines.append(f"  {'would drop' if report.dry_run else 'dropped'} whole partitions: {names}")
     return lines
 
 

@@ -10,6 +10,7 @@ return the report. With `archive_to`, every batch is archived before its deletes
 """
 
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from time import perf_counter
 
 from prefect import flow, get_run_logger
@@ -20,6 +21,7 @@ from tasks.retention.archive import BatchArchive
 from tasks.retention.parameters import EngineChoice, RetentionParameters, TerminalState
 from tasks.retention.purge import (
     delete_old_events,
+    drop_old_partitions,
     heap_frozen,
     limitations,
     purge_expired_runs,
@@ -140,7 +142,9 @@ async def retention(
             with heap_frozen():
                 purge = await purge_expired_runs(chosen, policy, parameters, throttle, deadline)
             orphans = await sweep_orphans(chosen, parameters, deadline)
-            events = await delete_old_events(chosen, parameters, deadline)
+            now = datetime.now(UTC)
+            partitions = await drop_old_partitions(chosen, parameters, now)
+            events = await delete_old_events(chosen, parameters, deadline, now, partitions)
             vacuumed = await vacuum_tables(chosen, parameters, [purge.totals.rows, orphans, events])
             logs_queued = await wait_for_log_deletion(chosen, parameters)
         flow_names_by_id, deployment_names_by_id = await chosen.names_of(
@@ -148,6 +152,7 @@ async def retention(
         )
     notes = (
         limitations(chosen, parameters, logs_queued)
+        + partitions.notes()
         + (archive.notes() if archive else [])
         + ([f"Stopped by an error: {purge.error}"] if purge.error else [])
     )
@@ -162,6 +167,7 @@ async def retention(
         days_per_state={state: parameters.days_for(state) for state in parameters.states},
         orphan_rows_deleted=orphans,
         event_rows_deleted=events,
+        partitions_dropped=partitions.dropped,
         remaining=purge.remaining,
         stopped_reason=purge.stopped_reason,
         seconds=perf_counter() - started,

@@ -451,6 +451,4 @@ async def test_the_health_report_lists_every_limit_and_flags_slots_no_live_run_h
     flags = {flag.object: flag for flag in report.flags if flag.check == "concurrency_slots"}
     assert set(flags) == {f"deployment:{short} (hold-slot/freed-twice)"}
     assert flags[f"deployment:{short} (hold-slot/freed-twice)"].value == 1
-    assert (
-        "admits 1 run beyond its limit of 1" in flags[f"deployment:{short} (hold-slot/freed-twice)"].advice
-    )
+    assert "admits 1 run beyond its limit of 1" in flags[f"deployment:{short} (hold-slot/freed-twice)"].advice

@@ -14,7 +14,7 @@ import gc
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from time import monotonic
 
 from prefect import get_run_logger, task
@@ -31,6 +31,7 @@ from tasks.retention.rate_limit import Deadline, Throttle
 from tasks.retention.report import BatchOutcome, RetentionTotals, StoppedReason
 from tasks.retention.selection import build_policy, expired_batches
 from tasks.retention.sql_housekeeping import EventRetention
+from tasks.retention.sql_partitions import PartitionDrops
 
 # The progress artifact moves at most this often.
 PROGRESS_SECONDS = 2.0
@@ -179,15 +180,34 @@ def event_rules(parameters: RetentionParameters, now: datetime) -> list[EventRet
     return rules
 
 
+@task(name="drop-old-partitions", cache_policy=NO_CACHE)
+async def drop_old_partitions(
+    engine: RetentionEngine, parameters: RetentionParameters, now: datetime
+) -> PartitionDrops:
+    """Partitioned `events` and `event_resources` (docs/scale.md): each partition all of whose
+    rows are past the age goes whole, before the row deletes. Elsewhere: nothing to do."""
+    if engine.housekeeping is None:
+        return PartitionDrops()
+    rules = event_rules(parameters, now)
+    return await engine.housekeeping.drop_old_partitions(rules, dry_run=parameters.dry_run)
+
+
 @task(name="delete-old-events", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 async def delete_old_events(
-    engine: RetentionEngine, parameters: RetentionParameters, deadline: Deadline
+    engine: RetentionEngine,
+    parameters: RetentionParameters,
+    deadline: Deadline,
+    now: datetime,
+    partitions: PartitionDrops,
 ) -> dict[str, int]:
-    """`event_resources` then `events`, past `events_older_than_days` (heartbeats: their own age)."""
+    """`event_resources` then `events`, past `events_older_than_days` (heartbeats: their own
+    age), row by row where `partitions` did not drop them whole."""
     if engine.housekeeping is None:
         return {}
-    rules = event_rules(parameters, datetime.now(UTC))
-    return await engine.housekeeping.delete_old_events(rules, deadline, dry_run=parameters.dry_run)
+    rules = event_rules(parameters, now)
+    return await engine.housekeeping.delete_old_events(
+        rules, deadline, dry_run=parameters.dry_run, dropped_up_to=partitions.events_covered_up_to()
+    )
 
 
 @task(name="vacuum-tables", cache_policy=NO_CACHE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from tasks.reports import ReportArtifacts, human_bytes, markdown_table, plural, run_link
 from tasks.retention.artifact_collections import REPOINTED, CollectionChanges, CollectionTally
 from tasks.retention.policy import RunRecord
+from tasks.retention.sql_partitions import DroppedPartition
 
 REPORT_KEY = "retention-report"
 # The per-state, per-deployment and per-flow counts, as a table: a key of its own, so that each
@@ -32,6 +33,13 @@ NO_DEPLOYMENT = "(no deployment)"
 SPACE_REUSE = (
     "PostgreSQL reuses the space of deleted rows for new ones; the files on disk shrink only after "
     "`VACUUM FULL` or `pg_repack`."
+)
+
+# What a dropped partition gives back, beside what a row delete does.
+PARTITIONS_TEXT = (
+    "Every row of these partitions was past the age: each went in one `DETACH` and `DROP`, "
+    "its space back on disk at once, with no dead rows to vacuum. Their rows are not in the "
+    "counts above (the planner's estimate is shown)."
 )
 
 StoppedReason = Literal["finished", "max_minutes", "failed"]
@@ -115,6 +123,8 @@ class RetentionReport(BaseModel):
     bytes_deleted: dict[str, int] | None
     orphan_rows_deleted: dict[str, int]
     event_rows_deleted: dict[str, int]
+    # Partitioned event tables: the partitions dropped whole (their rows are not in the counts).
+    partitions_dropped: list[DroppedPartition] = []
     by_state: dict[str, int]
     by_deployment: dict[str, int]
     by_flow: dict[str, int]
@@ -222,6 +232,11 @@ class RetentionReport(BaseModel):
             f"{verb} {plural(self.flow_runs_deleted, 'flow run')}"
             + (f" · {human_bytes(self.bytes_total)} of rows" if self.bytes_total else "")
             + f" · {self.engine} · {self.seconds:,.1f} s"
+            + (
+                f" · {plural(len(self.partitions_dropped), 'partition')} dropped"
+                if self.partitions_dropped
+                else ""
+            )
             + (f" · {self.remaining:,} remaining" if self.remaining else "")
             + (" · dry run" if self.dry_run else "")
         )
@@ -263,6 +278,9 @@ class RetentionReport(BaseModel):
         for heading, rows in tables[1:]:
             if rows:
                 lines += ["", f"## {heading}", "", markdown_table(["rows", "table"], _swapped(rows))]
+        if self.partitions_dropped:
+            dropped = "Partitions a real run would drop" if self.dry_run else "Partitions dropped"
+            lines += ["", f"## {dropped}", "", self._partitions_table(), "", PARTITIONS_TEXT]
         for heading, counts in (
             ("Per state", self.by_state),
             ("Per deployment", self.by_deployment),
@@ -316,6 +334,21 @@ class RetentionReport(BaseModel):
         rows = sum(count for table, count in self.rows_deleted.items() if table != REPOINTED)
         total = (f"**{rows:,}**", f"**{human_bytes(self.bytes_total)}**" if sizes else "", "**total**")
         return markdown_table(["rows", "space", "table"], [*shown, total])
+
+    def _partitions_table(self) -> str:
+        return markdown_table(
+            ["rows (estimated)", "space", "partition", "of", "up to"],
+            (
+                (
+                    "not analysed" if partition.rows_estimated is None else f"~{partition.rows_estimated:,}",
+                    human_bytes(partition.bytes),
+                    partition.partition,
+                    partition.table,
+                    f"{partition.up_to.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+                )
+                for partition in self.partitions_dropped
+            ),
+        )
 
     def artifacts(self) -> ReportArtifacts:
         """The readable report under its key, the breakdown as a table under its own."""

@@ -203,3 +203,10 @@ def _array_of(column: sa.ColumnElement[Any], values: list[Any]) -> sa.BindParame
     """`values` as one PostgreSQL array parameter of `column`'s type."""
     item_type = postgresql.UUID(as_uuid=True) if isinstance(column.type, PrefectUuid) else column.type
     return sa.bindparam(None, values, type_=postgresql.ARRAY(item_type))
+
+
+def first_line(error: sa.exc.DBAPIError) -> str:
+    """The database's own message, its first line: what went wrong, without the statement."""
+    original = error.orig if error.orig is not None else error
+    message = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {message[0] if message else 'no message'}"[:300]

@@ -49,6 +49,7 @@ from tasks.retention.sql_database import (
     NIL_UUID,
     TASK_RUN,
     PrefectDatabase,
+    first_line,
 )
 from tasks.retention.sql_housekeeping import SqlHousekeeping
 from tasks.retention.sql_owned_rows import OwnedRows
@@ -317,7 +318,7 @@ class SqlEngine:
                 )
         except sa.exc.DBAPIError as error:
             if not _is_busy(error):
-                raise SqlBatchFailed(f"the batch was rolled back: {_first_line(error)}") from None
+                raise SqlBatchFailed(f"the batch was rolled back: {first_line(error)}") from None
             return BatchOutcome(
                 left=Counter({"locked: lock_timeout reached": len(roots)}), seconds=perf_counter() - started
             )
@@ -382,9 +383,3 @@ def _is_busy(error: sa.exc.DBAPIError) -> bool:
     if getattr(error.orig, "sqlstate", None) in BUSY_SQLSTATES:
         return True
     return "database is locked" in str(error.orig)
-
-
-def _first_line(error: sa.exc.DBAPIError) -> str:
-    original = error.orig if error.orig is not None else error
-    message = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {message[0] if message else 'no message'}"[:300]

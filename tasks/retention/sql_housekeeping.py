@@ -4,7 +4,8 @@ expired runs' trees.
 Part of the SQL engine (`sql_engine` opens it and hands it out as its `housekeeping`): the
 SQL engine's modules are the only ones in the project that write to Prefect's tables.
 - old events: `event_resources`, then `events`, past their retention age (heartbeats may
-  have their own);
+  have their own); on partitioned event tables, whole partitions past the age first
+  (`sql_partitions`);
 - orphans: logs, artifacts, artifact collections and task run cache rows whose run (or
   artifact, or state) no longer exists, left by runs deleted elsewhere;
 - `VACUUM (ANALYZE)` of the tables rows were deleted from (SQLite: `ANALYZE` only);
@@ -43,6 +44,7 @@ from tasks.retention.sql_database import (
     TASK_RUN_STATE_CACHE,
     PrefectDatabase,
 )
+from tasks.retention.sql_partitions import PartitionDrops, drop_old_partitions
 
 # Deleting these rows deletes their children through ON DELETE CASCADE; VACUUM needs both.
 CASCADES_TO = {"flow_run": ("flow_run_state", "flow_run_input"), "task_run": ("task_run_state",)}
@@ -74,6 +76,20 @@ class EventRetention:
         if self.except_event is not None:
             conditions.append(EVENTS.c.event != self.except_event)
         return sa.and_(*conditions)
+
+
+def whole_cutoff(rules: Sequence[EventRetention]) -> datetime | None:
+    """The time before which the rules delete every event, whatever its name: a rule for all
+    events, or a rule for one name beside a rule for all the others (the earlier of their
+    two); None when no time has that (a rule for heartbeats alone)."""
+    cutoffs = [rule.older_than for rule in rules if rule.event is None and rule.except_event is None]
+    cutoffs += [
+        min(named.older_than, others.older_than)
+        for named in rules
+        for others in rules
+        if named.event is not None and others.except_event == named.event
+    ]
+    return max(cutoffs) if cutoffs else None
 
 
 @dataclass(frozen=True)
@@ -109,18 +125,29 @@ class SqlHousekeeping:
 
     # Events ----------------------------------------------------------------------------
 
+    async def drop_old_partitions(self, rules: Sequence[EventRetention], *, dry_run: bool) -> PartitionDrops:
+        """Partitioned event tables: every partition all of whose rows the rules delete, whole."""
+        return await drop_old_partitions(self._database, whole_cutoff(rules), dry_run=dry_run)
+
     async def delete_old_events(
-        self, rules: Iterable[EventRetention], deadline: Deadline, *, dry_run: bool
+        self,
+        rules: Iterable[EventRetention],
+        deadline: Deadline,
+        *,
+        dry_run: bool,
+        dropped_up_to: datetime | None = None,
     ) -> dict[str, int]:
         """Each rule in turn, a batch of events at a time, oldest first: their resources, then the events.
 
         Batches walk `(occurred, id)` (an index every Prefect 3 schema has, alone or after
         `event`), a keyset page at a time, so a dry run counts the very batches a real run
-        deletes and no batch re-reads what the previous one left.
+        deletes and no batch re-reads what the previous one left. A dry run's walk starts at
+        `dropped_up_to`, where the partitions a real run drops whole end (a real run finds
+        those rows gone).
         """
         found: Counter[str] = Counter()
         for rule in rules:
-            after: tuple[datetime, UUID] | None = None
+            after = (dropped_up_to, NIL_UUID) if dry_run and dropped_up_to is not None else None
             while not deadline.passed:
                 async with self._database.transaction(write=not dry_run) as connection:
                     batch = (await connection.execute(self._next_events(rule, after))).all()

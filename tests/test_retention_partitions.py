@@ -13,6 +13,7 @@ from conftest import serving
 from history import database_of, scalar
 
 from deploy import PROJECT_ROOT
+from flows.db_health import db_health_report
 from flows.retention import retention
 from tasks.database import connect
 from tasks.prefect_api import HEARTBEAT_EVENT
@@ -186,3 +187,11 @@ async def test_a_partition_that_cannot_be_detached_stays_whole_and_its_rows_go_r
     after = await retention(dry_run=False, **OPTIONS)
     assert {partition.partition for partition in after.partitions_dropped} == set(old_days)
     assert not set(old_days) & await partitions_of("events")
+
+
+async def test_the_health_report_reads_partitioned_event_tables(partitioned):
+    report = await db_health_report(exact=True)
+    assert not [note for note in report.notes if "could not run" in note], report.notes
+    # Each partition is a table of its own on disk, sized and checked like one.
+    surveyed = {table.name for table in report.tables}
+    assert {f"events_{day:%Y%m%d}" for day in days_past_the_age()} <= surveyed, surveyed

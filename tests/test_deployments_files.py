@@ -196,13 +196,31 @@ def _uv() -> str:
     return str(found)
 
 
-def copy_what_the_dockerfile_copies(target: Path) -> None:
-    copied = [
+def copied_sources() -> list[str]:
+    """What the build stage's COPY lines take from the build context."""
+    return [
         source
         for line in build_stage()
         if line.startswith("COPY ") and "--from" not in line
         for source in line.split()[1:-1]
     ]
+
+
+def test_the_build_context_holds_only_what_the_image_copies():
+    patterns = [
+        line.strip()
+        for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "everything out of the context first, then what is copied back in"
+    assert {pattern[1:] for pattern in patterns if pattern.startswith("!")} == {
+        source.rstrip("/") for source in copied_sources()
+    }
+    assert "**/__pycache__" in patterns
+
+
+def copy_what_the_dockerfile_copies(target: Path) -> None:
+    copied = copied_sources()
     assert {"pyproject.toml", "uv.lock", "prefect-versions/", "flows/", "tasks/", "deploy/", "cli/"} <= set(
         copied
     )

@@ -1,6 +1,7 @@
 """`make worker`: start the one worker of the maintenance work pool and queue.
 
-It refuses to start when the pool is missing (run `make deploy` first) or when a worker
+It refuses to start when the pool is missing (run `make deploy` first), when it is not a
+process pool (a kubernetes pool's worker is the chart's, in the cluster), or when a worker
 with another name is online on the pool: several workers polling one queue is what
 deadlocks PostgreSQL on the `last_polled` update each poll makes. A worker counts as
 online until three missed heartbeats (about 90 s) after it stopped.
@@ -49,6 +50,7 @@ from tasks.settings import DatabaseUrlError, get_settings
 
 # One flow run at a time on this worker, whatever the queue says.
 WORKER_RUN_LIMIT = 1
+WORKER_TYPE = "process"
 
 
 def worker_name() -> str:
@@ -58,11 +60,18 @@ def worker_name() -> str:
 async def check_alone_on_pool(target: MaintenanceQueue, name: str) -> None:
     async with prefect_client() as client:
         try:
-            await client.read_work_pool(target.pool)
+            pool = await client.read_work_pool(target.pool)
         except ObjectNotFound:
             raise DeploymentConfigError(
                 f"work pool {target.pool!r} does not exist: run `make deploy` first"
             ) from None
+        if pool.type != WORKER_TYPE:
+            # A process worker on it would run the flows here, beside the pool's own worker.
+            raise DeploymentConfigError(
+                f"work pool {target.pool!r} is a {pool.type} pool: its one worker runs where its "
+                f"runs go (for kubernetes, PrefectHQ's prefect-worker chart, README 'On Kubernetes'); "
+                f"`make worker` is the worker of a {WORKER_TYPE} pool"
+            )
         online = await client.read_workers_for_work_pool(
             target.pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
         )
@@ -103,7 +112,7 @@ def worker_command(target: MaintenanceQueue, name: str) -> list[str]:
         "--work-queue",
         target.queue,
         "--type",
-        "process",
+        WORKER_TYPE,
         "--limit",
         str(WORKER_RUN_LIMIT),
         "--name",

@@ -170,6 +170,16 @@ async def test_make_deploy_creates_a_kubernetes_pool_with_one_queue_and_the_four
     assert "make worker" not in next_step
 
 
+def test_make_worker_refuses_a_kubernetes_pool(module_server, kubernetes_deploy):
+    # A process worker here would run the maintenance flows beside the chart's worker.
+    result = make("worker", module_server)
+    assert result.returncode != 0
+    assert (
+        f"worker not started: work pool '{POOL}' is a kubernetes pool: its one worker runs where its runs go"
+        in result.stderr
+    ), result.stderr[-2000:]
+
+
 async def rendered_jobs(deployment_names: set[str]) -> dict[str, dict]:
     """The Job manifest prefect-kubernetes' worker would create for a new run of each
     deployment, from the pool's template and the deployment's job variables."""

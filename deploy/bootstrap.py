@@ -51,7 +51,7 @@ from deploy.deployments import apply_deployment, check_accepted, deployment_requ
 from deploy.work_pools import KUBERNETES, PREFECT_WORKER_CHART_VERSION, base_job_template
 from tasks.prefect_api import PrefectApiError, call, prefect_client
 from tasks.reports import plural
-from tasks.settings import DatabaseUrlError, MaintenanceSettings, get_settings
+from tasks.settings import MaintenanceSettings, SettingsError, get_settings
 
 QUEUE_CONCURRENCY_LIMIT = 1
 # Read by prefect.yaml's `{{ $...}}` placeholders while deploying; the user's value wins.
@@ -177,7 +177,7 @@ async def bootstrap() -> list[str]:
 def main() -> int:
     try:
         report = asyncio.run(bootstrap())
-    except (DeploymentConfigError, DatabaseUrlError, PrefectApiError) as error:
+    except (DeploymentConfigError, SettingsError, PrefectApiError) as error:
         print(f"deploy failed: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:

@@ -46,7 +46,7 @@ from tasks.prefect_api import (
     version_text,
     version_tuple,
 )
-from tasks.settings import DatabaseUrlError, get_settings
+from tasks.settings import SettingsError, get_settings
 
 # One flow run at a time on this worker, whatever the queue says.
 WORKER_RUN_LIMIT = 1
@@ -133,7 +133,7 @@ def main() -> int:
         target = maintenance_queue(read_deployments())
         asyncio.run(check_client_fits_server())
         asyncio.run(check_alone_on_pool(target, name))
-    except (DeploymentConfigError, DatabaseUrlError, PrefectApiError) as error:
+    except (DeploymentConfigError, SettingsError, PrefectApiError) as error:
         print(f"worker not started: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:

@@ -18,7 +18,13 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from tasks.settings import DatabaseUrlError, describe_database_url, get_settings, parse_database_url
+from tasks.settings import (
+    DatabaseUrlError,
+    SettingsError,
+    describe_database_url,
+    get_settings,
+    parse_database_url,
+)
 
 APPLICATION_NAME = "prefect-maintenance"
 
@@ -116,7 +122,7 @@ async def is_reachable(url: str | SecretStr | None) -> bool:
         async with connect(url) as connection:
             await connection.execute(text("SELECT 1"))
         return True
-    except (DatabaseUnavailable, DatabaseUrlError):
+    except (DatabaseUnavailable, SettingsError):
         return False
 
 

@@ -18,7 +18,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SUPPORTED_SCHEMES = ("postgresql", "sqlite")
 
 
-class DatabaseUrlError(ValueError):
+class SettingsError(ValueError):
+    """A setting that cannot be used: the message names the setting, never its value (a
+    database URL may hold a password)."""
+
+
+class DatabaseUrlError(SettingsError):
     """A database URL that cannot be used; its message never contains the URL itself."""
 
 
@@ -170,7 +175,7 @@ def get_settings(*, refresh: bool = False) -> MaintenanceSettings:
         return _cached_settings()
     except ValueError as error:
         # pydantic's ValidationError repeats the input value: never show it.
-        raise DatabaseUrlError(_first_message(error)) from None
+        raise SettingsError(_first_message(error)) from None
 
 
 def _first_message(error: ValueError) -> str:

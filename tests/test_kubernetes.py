@@ -28,7 +28,7 @@ from deploy import PROJECT_ROOT, DeploymentConfigError, bootstrap, maintenance_q
 from deploy.work_pools import PREFECT_WORKER_CHART_VERSION
 from localstack.prefect_versions import NEWEST, run_with_client
 from tasks.prefect_api import prefect_client
-from tasks.settings import DatabaseUrlError, MaintenanceSettings, get_settings, parse_database_url
+from tasks.settings import MaintenanceSettings, SettingsError, get_settings, parse_database_url
 
 KUBERNETES_DIR = PROJECT_ROOT / "deploy" / "kubernetes"
 WORKER_VALUES = KUBERNETES_DIR / "worker-values.yaml"
@@ -133,7 +133,7 @@ async def test_a_bad_pool_setting_stops_the_deploy_before_anything_changes(fresh
             with pytest.MonkeyPatch.context() as patch:
                 for name, value in settings.items():
                     patch.setenv(name, value)
-                with pytest.raises((DatabaseUrlError, DeploymentConfigError), match=named):
+                with pytest.raises((SettingsError, DeploymentConfigError), match=named):
                     await bootstrap.bootstrap()
             async with prefect_client() as client:
                 assert not await client.read_work_pools()

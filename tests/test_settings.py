@@ -6,7 +6,7 @@ import pytest
 
 from localstack.stack import free_port
 from tasks.database import DatabaseUnavailable, connect, is_reachable
-from tasks.settings import DatabaseUrlError, describe_database_url, get_settings
+from tasks.settings import SettingsError, describe_database_url, get_settings
 
 PASSWORD = "s3cr3t-Pa55word"
 URL_NAMES = (
@@ -73,7 +73,7 @@ def test_malformed_url_error_names_the_problem_without_the_password(environment,
     try:
         settings = get_settings(refresh=True)
         description = settings.database_description
-    except DatabaseUrlError as error:
+    except SettingsError as error:
         assert PASSWORD not in str(error)
         assert "database URL" in str(error)
         return

@@ -13,7 +13,7 @@ from history import QUICK, PlannedRun, create_history, existing, owned_rows, sca
 from flows.reconcile import reconcile_stuck_runs
 from flows.retention import retention
 from tasks.prefect_api import call, prefect_client
-from tasks.settings import DatabaseUrlError, get_settings
+from tasks.settings import SettingsError, get_settings
 
 HOSTILE_FLOW = "hostile'); DELETE FROM flow_run; --"
 HOSTILE_DEPLOYMENT = "x'; DROP TABLE log;--"
@@ -140,7 +140,7 @@ async def test_a_broken_database_url_gives_one_clear_error_without_the_password(
     monkeypatch.setenv("MAINTENANCE_DATABASE_URL", url)
     try:
         get_settings(refresh=True)
-    except DatabaseUrlError as error:
+    except SettingsError as error:
         assert PASSWORD not in str(error)
     for flow_call in (
         retention(engine="sql", dry_run=True, **QUICK, return_state=True),

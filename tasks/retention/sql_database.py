@@ -106,6 +106,25 @@ class PrefectDatabase:
             return column.in_(subquery)
         return column == sa.any_(sa.func.array(subquery.scalar_subquery()))
 
+    def ids_of(self, subquery: sa.Select) -> sa.ColumnElement[Any]:
+        """The ids a correlated one-column `subquery` selects, as one column of the outer
+        row: a uuid array on PostgreSQL, comma-separated text on SQLite (`ids_from` reads both)."""
+        if self.dialect != "postgresql":
+            return subquery.with_only_columns(
+                sa.func.group_concat(subquery.selected_columns[0])
+            ).scalar_subquery()
+        return sa.func.array(
+            subquery.scalar_subquery(), type_=postgresql.ARRAY(postgresql.UUID(as_uuid=True))
+        )
+
+    def ids_from(self, value: Any) -> list[UUID]:
+        """The ids of an `ids_of` column."""
+        if not value:
+            return []
+        if isinstance(value, str):
+            return [UUID(part) for part in value.split(",")]
+        return list(value)
+
     def row_bytes(self, table: sa.Table) -> sa.ColumnElement[int] | None:
         """The space one row of `table` takes in its pages, for summing over the rows a batch
         deletes (PostgreSQL; None on SQLite, which has no such measure).

@@ -6,10 +6,11 @@ this one judges and deletes the expired runs' trees (with what they own: `sql_ow
 vacuums, and all build on `sql_database`.
 
 Per batch of top-level runs, one short transaction:
-1. find every subflow of the batch (`parent_task_run_id -> task_run -> flow_run`, any depth,
-   a level at a time);
-2. read the batch's runs again, locking them (`FOR UPDATE SKIP LOCKED`; on SQLite the
-   transaction starts with `BEGIN IMMEDIATE` instead) and let the policy judge each tree;
+1. read the batch's runs again, locking them (`FOR UPDATE SKIP LOCKED`; on SQLite the
+   transaction starts with `BEGIN IMMEDIATE` instead), with every subflow
+   (`parent_task_run_id -> task_run -> flow_run`, any depth, a level of the trees per
+   statement, each run read with its children's ids);
+2. let the policy judge each tree;
 3. delete the accepted runs with what they own, measuring the space of the rows, and
    re-point or delete the artifact collections whose latest artifact went (`sql_owned_rows`;
    a dry run counts and measures the same rows and forecasts the collections).
@@ -303,9 +304,7 @@ class SqlEngine:
         root_ids = [run.id for run in roots]
         try:
             async with self._database.transaction(write=not dry_run) as connection:
-                members_of = await self._subflows(connection, root_ids)
-                every_id = root_ids + [member for members in members_of.values() for member in members]
-                current = await self._read_runs(connection, every_id, lock=not dry_run)
+                members_of, current = await self._read_trees(connection, root_ids, lock=not dry_run)
                 verdict = judge_trees(root_ids, members_of, current, policy)
                 accepted = [run.id for run in verdict.accepted]
                 if self.archive is not None:
@@ -325,44 +324,48 @@ class SqlEngine:
         outcome.runs, outcome.left, outcome.seconds = verdict.accepted, verdict.left, perf_counter() - started
         return outcome
 
-    async def _subflows(self, connection: AsyncConnection, root_ids: list[UUID]) -> dict[UUID, list[UUID]]:
-        """Every subflow, at any depth, of each root: one statement per level of the trees.
+    async def _read_trees(
+        self, connection: AsyncConnection, root_ids: list[UUID], *, lock: bool
+    ) -> tuple[dict[UUID, list[UUID]], dict[UUID, RunRecord]]:
+        """The batch's runs and every subflow at any depth, read (and locked) a level of the
+        trees per statement: each statement reads its level's runs with the ids of their
+        child runs, the next level. A batch without subflows is one statement.
 
-        Each statement probes the `parent_task_run_id` index once per task run of the level
-        (`= ANY(ARRAY(...))`). A recursive CTE would be one statement, but PostgreSQL plans
-        its recursive step blind (it guesses ten times the rows of the first) and hashes the
+        Each run's children are found by probing the `parent_task_run_id` index once per task
+        run of the run. A recursive CTE would be one statement, but PostgreSQL plans its
+        recursive step blind (it guesses ten times the rows of the first) and hashes the
         whole task_run table for every batch: measured 25 ms a batch at 30,000 runs and
-        growing with the table, against 2 ms here whatever its size.
+        growing with the table, against 2 ms here whatever its size. A run another
+        transaction holds is skipped, children unread: its tree is left whole anyway.
+        Returns each root's subflows and every run read, by id.
         """
+        subflow = FLOW_RUN.alias("subflow")
+        children = (
+            sa.select(subflow.c.id)
+            .select_from(TASK_RUN.join(subflow, subflow.c.parent_task_run_id == TASK_RUN.c.id))
+            .where(TASK_RUN.c.flow_run_id == FLOW_RUN.c.id)
+        )
         members_of: dict[UUID, list[UUID]] = {}
+        current: dict[UUID, RunRecord] = {}
         root_of = {root: root for root in root_ids}
         level = root_ids
         while level:
-            level_task_runs = sa.select(TASK_RUN.c.id).where(
-                self._database.among(TASK_RUN.c.flow_run_id, level)
+            statement = sa.select(*RUN_COLUMNS, self._database.ids_of(children).label("child_ids")).where(
+                self._database.among(FLOW_RUN.c.id, level)
             )
-            children = await connection.execute(
-                sa.select(FLOW_RUN.c.id, TASK_RUN.c.flow_run_id.label("parent_id"))
-                .select_from(FLOW_RUN.join(TASK_RUN, TASK_RUN.c.id == FLOW_RUN.c.parent_task_run_id))
-                .where(self._database.among_subquery(FLOW_RUN.c.parent_task_run_id, level_task_runs))
-            )
+            if lock:
+                # Rows another transaction is changing right now are skipped, never waited for.
+                statement = statement.with_for_update(skip_locked=True, of=FLOW_RUN)
             level = []
-            for child in children:
-                if child.id in root_of:  # a cycle in corrupt data: walk each run once
-                    continue
-                root_of[child.id] = root_of[child.parent_id]
-                members_of.setdefault(root_of[child.id], []).append(child.id)
-                level.append(child.id)
-        return members_of
-
-    async def _read_runs(
-        self, connection: AsyncConnection, ids: list[UUID], *, lock: bool
-    ) -> dict[UUID, RunRecord]:
-        statement = sa.select(*RUN_COLUMNS).where(self._database.among(FLOW_RUN.c.id, ids))
-        if lock:
-            # Rows another transaction is changing right now are skipped, never waited for.
-            statement = statement.with_for_update(skip_locked=True)
-        return {row.id: run_record(row) for row in await connection.execute(statement)}
+            for row in await connection.execute(statement):
+                current[row.id] = run_record(row)
+                for child_id in self._database.ids_from(row.child_ids):
+                    if child_id in root_of:  # a cycle in corrupt data: walk each run once
+                        continue
+                    root_of[child_id] = root_of[row.id]
+                    members_of.setdefault(root_of[child_id], []).append(child_id)
+                    level.append(child_id)
+        return members_of, current
 
     # After the purge -------------------------------------------------------------------
 

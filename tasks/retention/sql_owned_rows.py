@@ -3,12 +3,12 @@ deleted and measured (a real run), in the batch's transaction.
 
 Part of the SQL engine (`sql_engine` judges the batch and hands the accepted runs here):
 the SQL engine's modules are the only ones in the project that write to Prefect's tables.
-The runs' task run cache rows, logs and artifacts go first (no foreign key cascades to
-them), then their task runs and the runs themselves, whose states and inputs cascade; the
-artifact collections whose latest artifact went are re-pointed or removed last. Every
-delete sums the space of its rows (`PrefectDatabase.row_bytes`, PostgreSQL); a dry run
-counts and measures the very same rows and forecasts the collections
-(`artifact_collections.CollectionForecast`).
+The runs' task run cache rows, logs, artifacts, task runs, states and inputs and the runs
+themselves go on PostgreSQL in one statement (on SQLite a delete per table, states and
+inputs by cascade); the artifact collections whose latest artifact went are re-pointed or
+removed last. Every delete sums the space of its rows (`PrefectDatabase.row_bytes`,
+PostgreSQL); a dry run counts and measures the very same rows and forecasts the
+collections (`artifact_collections.CollectionForecast`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.retention.artifact_collections import CollectionForecast
@@ -76,18 +77,23 @@ class OwnedRows:
             (FLOW_RUN, self._database.among(FLOW_RUN.c.id, flow_run_ids)),
         ]
 
-    async def _cascaded(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> Measured:
-        """The rows the deletes take with them by foreign-key cascade, measured before: the
-        report says everything that went. Deleting them explicitly first would cost more:
-        the runs' `state_id` would be set to NULL row by row before the runs go."""
+    def _cascades(self, flow_run_ids: list[UUID]) -> list[tuple[sa.Table, sa.ColumnElement[bool]]]:
+        """The rows the foreign keys take with the runs and task runs (states, inputs): the
+        report says everything that went. A dry run and SQLite count them before the
+        deletes; on PostgreSQL the batch's one statement deletes them itself."""
         task_runs = sa.select(TASK_RUN.c.id).where(self._database.among(TASK_RUN.c.flow_run_id, flow_run_ids))
-        cascades = (
+        return [
             (FLOW_RUN_STATE, self._database.among(FLOW_RUN_STATE.c.flow_run_id, flow_run_ids)),
-            (TASK_RUN_STATE, TASK_RUN_STATE.c.task_run_id.in_(task_runs)),
+            # As index probes: planned as `IN (subquery)`, a batch's few thousand states were
+            # found by hashing the whole task_run_state table (measured 49 ms a batch at
+            # 21,000 runs and growing with the table, against 11 ms).
+            (TASK_RUN_STATE, self._database.among_subquery(TASK_RUN_STATE.c.task_run_id, task_runs)),
             (FLOW_RUN_INPUT, self._database.among(FLOW_RUN_INPUT.c.flow_run_id, flow_run_ids)),
-        )
+        ]
+
+    async def _cascaded(self, connection: AsyncConnection, flow_run_ids: list[UUID]) -> Measured:
         measured = Measured()
-        for table, owned in cascades:
+        for table, owned in self._cascades(flow_run_ids):
             measured.add(table, (await connection.execute(self._measure(table, owned))).one())
         return measured
 
@@ -131,34 +137,91 @@ class OwnedRows:
         """Delete the runs with what they own; the rows deleted, their space, the collections changed."""
         if not flow_run_ids:
             return BatchOutcome()
-        measured = await self._cascaded(connection, flow_run_ids)
         owned_rows = await self._rows_of(connection, flow_run_ids)
-        # Deleting the task runs sets `parent_task_run_id` of the subflows to NULL, a new and
-        # smaller version of their rows: the runs are measured as they were, as a dry run sees them.
-        runs_before = dict(owned_rows)[FLOW_RUN]
-        runs_bytes = (await connection.execute(self._measure(FLOW_RUN, runs_before))).one()[1]
-        artifact_keys: set[str] = set()
-        for table, owned in owned_rows:
+        if self._database.dialect == "postgresql":
+            measured, artifact_keys = await self._delete_in_one_statement(
+                connection, flow_run_ids, owned_rows
+            )
+        else:
+            measured, artifact_keys = await self._delete_table_by_table(connection, flow_run_ids, owned_rows)
+        changes = await self._database.repair_collections(connection, artifact_keys)
+        return BatchOutcome(rows=measured.rows, bytes=measured.bytes, collections=changes)
+
+    async def _delete_in_one_statement(
+        self,
+        connection: AsyncConnection,
+        flow_run_ids: list[UUID],
+        owned_rows: list[tuple[sa.Table, sa.ColumnElement[bool]]],
+    ) -> tuple[Measured, set[str]]:
+        """PostgreSQL: every owned table's rows deleted in one statement, one round trip
+        instead of eight; one row back per table, with its rows and their space.
+
+        The rows the foreign keys would cascade to (states, inputs) are deleted by the
+        statement itself, so each row is measured as it goes, from the delete's RETURNING:
+        measuring them first cost a second pass of index probes, 8% of the statement.
+        Every part of the statement sees the rows as they were when it began, and the
+        foreign keys' actions run after it, on rows it has deleted already: the runs'
+        `state_id` and the subflows' `parent_task_run_id` are never set to NULL first, and
+        the runs are measured as they were."""
+        measured = Measured()
+        parts: list[tuple[sa.Table, sa.CTE]] = []
+        for table, owned in self._cascades(flow_run_ids) + owned_rows:
             size = self._database.row_bytes(table)
-            if table is FLOW_RUN:
-                measured.add(
-                    table, ((await connection.execute(sa.delete(table).where(owned))).rowcount, runs_bytes)
-                )
-            elif table is ARTIFACT:
-                returned = [ARTIFACT.c.key, (size if size is not None else sa.null()).label("bytes")]
-                rows = (await connection.execute(sa.delete(ARTIFACT).where(owned).returning(*returned))).all()
-                artifact_keys.update(row.key for row in rows if row.key is not None)
-                measured.add(table, (len(rows), sum(row.bytes for row in rows) if size is not None else None))
-            elif size is None:
-                deleted = await self._execute(connection, table, sa.delete(table).where(owned))
-                measured.add(table, (deleted.rowcount, None))
-            else:
-                # The database sums the deleted rows' sizes: one row comes back, not one per row.
+            assert size is not None, "rows are sized on PostgreSQL"
+            if table is TASK_RUN_STATE_CACHE:
+                # Planned for the batch's own ids, on its own (see `_execute`).
                 gone = sa.delete(table).where(owned).returning(size.label("bytes")).cte("gone")
                 summed = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(gone.c.bytes), 0))
                 measured.add(table, (await self._execute(connection, table, summed)).one())
-        changes = await self._database.repair_collections(connection, artifact_keys)
-        return BatchOutcome(rows=measured.rows, bytes=measured.bytes, collections=changes)
+                continue
+            returned = [size.label("bytes")] + ([ARTIFACT.c.key] if table is ARTIFACT else [])
+            parts.append(
+                (table, sa.delete(table).where(owned).returning(*returned).cte(f"gone_{table.name}"))
+            )
+        no_keys = sa.cast(sa.null(), postgresql.ARRAY(sa.String))
+        per_table = sa.union_all(
+            *(
+                sa.select(
+                    sa.literal(table.name).label("table_name"),
+                    sa.func.count().label("rows"),
+                    sa.func.coalesce(sa.func.sum(rows.c.bytes), 0).label("bytes"),
+                    (
+                        sa.func.array_agg(sa.distinct(rows.c.key)).filter(rows.c.key.is_not(None))
+                        if table is ARTIFACT
+                        else no_keys
+                    ).label("keys"),
+                ).select_from(rows)
+                for table, rows in parts
+            )
+        )
+        artifact_keys: set[str] = set()
+        tables = {table.name: table for table, _ in parts}
+        for row in await connection.execute(per_table):
+            measured.add(tables[row.table_name], (row.rows, row.bytes))
+            artifact_keys.update(row.keys or ())
+        return measured, artifact_keys
+
+    async def _delete_table_by_table(
+        self,
+        connection: AsyncConnection,
+        flow_run_ids: list[UUID],
+        owned_rows: list[tuple[sa.Table, sa.ColumnElement[bool]]],
+    ) -> tuple[Measured, set[str]]:
+        """SQLite (no data-modifying CTEs, no sizes): count the cascades, then one delete per table."""
+        measured = await self._cascaded(connection, flow_run_ids)
+        artifact_keys: set[str] = set()
+        for table, owned in owned_rows:
+            if table is ARTIFACT:
+                keys = (
+                    await connection.execute(sa.delete(ARTIFACT).where(owned).returning(ARTIFACT.c.key))
+                ).all()
+                artifact_keys.update(row.key for row in keys if row.key is not None)
+                measured.add(table, (len(keys), None))
+            else:
+                measured.add(
+                    table, ((await connection.execute(sa.delete(table).where(owned))).rowcount, None)
+                )
+        return measured, artifact_keys
 
     async def _execute(self, connection: AsyncConnection, table: sa.Table, statement: sa.Executable) -> Any:
         """Execute one statement over the batch's rows of `table`.

@@ -24,6 +24,8 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -45,6 +47,11 @@ LOG_SLICE_PREFIX = "bench-log-slice"
 # Seeding stops (and says so) when the disk of the database has less than this left: the
 # machine is shared, and a full disk stops every PostgreSQL on it.
 DISK_RESERVE_BYTES = 10 * 2**30
+BULK_LOAD_MAX_WAL_SIZE = "4GB"
+# A load of at least this many rows drops the table's secondary indexes and builds them after.
+BULK_LOAD_ROWS = 1_000_000
+INDEX_BUILD_MEMORY = "1GB"
+EVENT_TABLES = ("events", "event_resources")
 # Seeding, counting and VACUUM of tables of tens of millions of rows take minutes.
 SLOW_STATEMENT_TIMEOUT_SECONDS = 6 * 3600
 
@@ -53,13 +60,7 @@ log = logging.getLogger("bench.events")
 _RECORDS = """
 CREATE SCHEMA IF NOT EXISTS bench;
 CREATE TABLE IF NOT EXISTS bench.event_anchor (anchor timestamptz NOT NULL);
-CREATE TABLE IF NOT EXISTS bench.event_window (
-    name text PRIMARY KEY,
-    low timestamptz NOT NULL,
-    high timestamptz NOT NULL,
-    events bigint NOT NULL DEFAULT 0,
-    seeded bigint NOT NULL DEFAULT 0
-);
+CREATE TABLE IF NOT EXISTS bench.dropped_index (name text PRIMARY KEY, definition text NOT NULL);
 CREATE TABLE IF NOT EXISTS bench.log_seed (name text PRIMARY KEY, lines bigint NOT NULL)
 """
 
@@ -180,6 +181,24 @@ def window_bounds(anchor: datetime, name: str, methods: tuple[str, ...]) -> tupl
     return high - SLICE_WINDOW, high
 
 
+@asynccontextmanager
+async def bulk_loading(database_url: str) -> AsyncIterator[None]:
+    """Checkpoints further apart while seeding (at the default, every 1 GB of WAL, full-page
+    images are most of a load); back to the server's setting after, so methods are measured at it."""
+    await _configure(database_url, f"ALTER SYSTEM SET max_wal_size = '{BULK_LOAD_MAX_WAL_SIZE}'")
+    try:
+        yield
+    finally:
+        await _configure(database_url, "ALTER SYSTEM RESET max_wal_size")
+
+
+async def _configure(database_url: str, statement: str) -> None:
+    async with _slow(database_url) as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await autocommit.execute(text(statement))
+        await autocommit.execute(text("SELECT pg_reload_conf()"))
+
+
 async def disk_allows(connection: AsyncConnection) -> bool:
     """Whether the database's disk has more than the reserve left; says so when not."""
     data_directory = (await connection.execute(text("SHOW data_directory"))).scalar_one()
@@ -230,80 +249,133 @@ async def ensure_events(
 ) -> dict[str, EventWindow]:
     """`kept` events at least in the kept window, and exactly `slices[name]` in each method's window."""
     windows = {}
-    async with _slow(database_url) as connection:
+    async with bulk_loading(database_url), _slow(database_url) as connection:
         anchor = await _anchor(connection)
         # The methods' windows first: when the disk runs short, it is the kept bulk that is smaller.
         for name, wanted in [*slices.items(), (KEPT, kept)]:
             low, high = window_bounds(anchor, name, methods)
             present = await _events_between(connection, low, high)
-            recorded = (
-                await connection.execute(
-                    text("SELECT seeded FROM bench.event_window WHERE name = :name"), {"name": name}
-                )
-            ).scalar() or 0
             if name != KEPT and present != wanted:
                 # What an interrupted run left of the window: start the window over.
                 await _delete_between(connection, low, high)
                 present = 0
             missing = max(0, wanted - present)
+            # Nothing held while indexes are dropped and built on other connections.
+            await connection.commit()
             if missing:
                 # A new prefix per top-up: each top-up writes flow runs of its own.
-                prefix = f"bench-{name.replace('_', '-')}-{recorded}"
-                missing = await _seed_events(connection, prefix, low, high, missing)
-            await connection.execute(
-                text(
-                    """
-                    INSERT INTO bench.event_window (name, low, high, events, seeded)
-                    VALUES (:name, :low, :high, :events, :seeded)
-                    ON CONFLICT (name) DO UPDATE SET low = :low, high = :high, events = :events, seeded = :seeded
-                    """
-                ),
-                {
-                    "name": name,
-                    "low": low,
-                    "high": high,
-                    "events": present + missing,
-                    "seeded": recorded + missing,
-                },
-            )
-            await connection.commit()
+                prefix = f"bench-{name.replace('_', '-')}-{time.time_ns()}"
+                async with _indexes_built_after(database_url, EVENT_TABLES, missing):
+                    missing = await _seed_events(connection, prefix, low, high, missing)
             windows[name] = EventWindow(name, low, high, present + missing)
     return windows
 
 
+@asynccontextmanager
+async def _indexes_built_after(database_url: str, tables: tuple[str, ...], rows: int) -> AsyncIterator[None]:
+    """For a big load, the tables' secondary indexes dropped before and built again after:
+    building an index once is many times faster than growing it row by row (the GIN indexes of
+    `events` above all)."""
+    if rows < BULK_LOAD_ROWS:
+        yield
+        return
+    async with _slow(database_url) as connection:
+        names = await connection.execute(
+            text(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(:tables) "
+                "AND indexname NOT IN (SELECT conname FROM pg_constraint)"
+            ),
+            {"tables": list(tables)},
+        )
+        names = list(names.scalars())
+    await drop_indexes(database_url, names)
+    try:
+        yield
+    finally:
+        await restore_indexes(database_url)
+
+
+async def drop_indexes(database_url: str, names: Iterable[str]) -> None:
+    """Drop these indexes of Prefect's tables, their definitions kept for `restore_indexes`."""
+    async with _slow(database_url) as connection:
+        await _anchor(connection)
+        for name in names:
+            definition = (
+                await connection.execute(
+                    text("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND indexname = :name"),
+                    {"name": name},
+                )
+            ).scalar()
+            if definition is None:
+                continue
+            await connection.execute(
+                text(
+                    "INSERT INTO bench.dropped_index VALUES (:name, :definition) ON CONFLICT (name) DO NOTHING"
+                ),
+                {"name": name, "definition": definition},
+            )
+            await connection.execute(text(f"DROP INDEX {name}"))
+        await connection.commit()
+
+
+async def restore_indexes(database_url: str) -> None:
+    """Build every index `drop_indexes` dropped (an interrupted run may have left some dropped)."""
+    async with _slow(database_url) as connection:
+        await _anchor(connection)
+        await connection.execute(text(f"SET maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
+        dropped = (await connection.execute(text("SELECT name, definition FROM bench.dropped_index"))).all()
+        for name, definition in dropped:
+            started = time.perf_counter()
+            await connection.execute(
+                text(definition.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1))
+            )
+            await connection.execute(
+                text("DELETE FROM bench.dropped_index WHERE name = :name"), {"name": name}
+            )
+            await connection.commit()
+            log.info("index %s built in %.0f s", name, time.perf_counter() - started)
+
+
 async def ensure_logs(database_url: str, table: str, lines: int) -> int:
     """At least `lines` log lines in `table` (`log`, or a copy of its definition), ten per flow run."""
-    async with _slow(database_url) as connection:
+    async with bulk_loading(database_url), _slow(database_url) as connection:
         anchor = await _anchor(connection)
         await connection.execute(text(f"CREATE TABLE IF NOT EXISTS {table} (LIKE public.log INCLUDING ALL)"))
         recorded = text("SELECT lines FROM bench.log_seed WHERE name = :table")
         seeded = (await connection.execute(recorded, {"table": table})).scalar() or 0
-        started = time.perf_counter()
-        for first in range(seeded, lines, SEED_CHUNK_LOGS):
-            if not await disk_allows(connection):
-                lines = first
-                break
-            size = min(SEED_CHUNK_LOGS, lines - first)
-            await _seed_logs(connection, table, f"bench-{table}", first, size, anchor)
-            await connection.execute(
-                text(
-                    """
-                    INSERT INTO bench.log_seed (name, lines) VALUES (:table, :lines)
-                    ON CONFLICT (name) DO UPDATE SET lines = :lines
-                    """
-                ),
-                {"table": table, "lines": first + size},
-            )
-            await connection.commit()
-            log.info(
-                "seeded %s of %s log lines in %s in %.0f s",
-                f"{first + size:,}",
-                f"{lines:,}",
-                table,
-                time.perf_counter() - started,
-            )
         await connection.commit()
-        return max(seeded, lines)
+        async with _indexes_built_after(database_url, (table.rpartition(".")[2],), lines - seeded):
+            return await _seed_log_chunks(connection, table, seeded, lines, anchor)
+
+
+async def _seed_log_chunks(
+    connection: AsyncConnection, table: str, seeded: int, lines: int, anchor: datetime
+) -> int:
+    """Lines `seeded` to `lines` of `table`, a committed chunk at a time; how many there are then."""
+    started = time.perf_counter()
+    for first in range(seeded, lines, SEED_CHUNK_LOGS):
+        if not await disk_allows(connection):
+            return first
+        size = min(SEED_CHUNK_LOGS, lines - first)
+        await _seed_logs(connection, table, f"bench-{table}", first, size, anchor)
+        await connection.execute(
+            text(
+                """
+                INSERT INTO bench.log_seed (name, lines) VALUES (:table, :lines)
+                ON CONFLICT (name) DO UPDATE SET lines = :lines
+                """
+            ),
+            {"table": table, "lines": first + size},
+        )
+        await connection.commit()
+        log.info(
+            "seeded %s of %s log lines in %s in %.0f s",
+            f"{first + size:,}",
+            f"{lines:,}",
+            table,
+            time.perf_counter() - started,
+        )
+    return max(seeded, lines)
 
 
 async def seed_log_slice(database_url: str, table: str, runs: int) -> list[UUID]:

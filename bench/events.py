@@ -48,11 +48,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bench.baselines import prefect_server_database
 from bench.event_slices import (
+    EVENT_TABLES,
     KEPT,
     EventWindow,
     count_window,
+    drop_indexes,
     ensure_events,
     ensure_logs,
+    restore_indexes,
     seed_log_slice,
     table_sizes,
 )
@@ -82,7 +85,6 @@ DATABASE = "bench_events"
 DEFAULT_EVENTS = 10_000_000
 DEFAULT_LOGS = 30_000_000
 DEFAULT_IDLE_SECONDS = 20.0
-EVENT_TABLES = ("events", "event_resources")
 OLD_SCHEMA = "old_schema_"
 # The medians of this many batches at the start and at the end are the cost of a batch there.
 EDGE_BATCHES = 5
@@ -92,12 +94,12 @@ SMALL_LOG_TABLE = "bench.log_small"
 SMALL_LOG_SHARE = 0.01
 # The indexes Prefect 3.7 and 3.8 added (migrations bad1e352c597, 50737cdaee36, 9e9dadc36797,
 # d4a7e1c93f52): dropped for the 3.4-style run, built again after it.
-INDEXES_OF_3_7_AND_3_8 = {
-    "ix_event_resources__occurred": "ON event_resources (occurred)",
-    "ix_event_resources__event_id": "ON event_resources (event_id)",
-    "ix_flow_run__deployment_id": "ON flow_run (deployment_id)",
-    "ix_flow_run__state_type_coalesce_start_time": "ON flow_run (state_type, (coalesce(start_time, expected_start_time)))",
-}
+INDEXES_OF_3_7_AND_3_8 = (
+    "ix_event_resources__occurred",
+    "ix_event_resources__event_id",
+    "ix_flow_run__deployment_id",
+    "ix_flow_run__state_type_coalesce_start_time",
+)
 
 log = logging.getLogger("bench.events")
 
@@ -383,25 +385,11 @@ async def run_phase(
 @contextlib.asynccontextmanager
 async def schema_of_3_4(database_url: str) -> AsyncIterator[None]:
     """The indexes of 3.7 and 3.8 dropped inside the block, built again after it."""
-    async with connect(database_url) as connection:
-        for index in INDEXES_OF_3_7_AND_3_8:
-            await connection.execute(sa.text(f"DROP INDEX IF EXISTS {index}"))
-        await connection.commit()
+    await drop_indexes(database_url, INDEXES_OF_3_7_AND_3_8)
     try:
         yield
     finally:
-        await build_indexes_of_today(database_url)
-
-
-async def build_indexes_of_today(database_url: str) -> None:
-    """The indexes of 3.7 and 3.8, wherever they are missing (an interrupted run dropped them)."""
-    async with connect(database_url, statement_timeout_seconds=3 * 3600) as connection:
-        await connection.execute(sa.text("SET maintenance_work_mem = '1GB'"))
-        for index, definition in INDEXES_OF_3_7_AND_3_8.items():
-            started = time.perf_counter()
-            await connection.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {index} {definition}"))
-            await connection.commit()
-            log.info("index %s present (%.0f s)", index, time.perf_counter() - started)
+        await restore_indexes(database_url)
 
 
 async def measure_log_batches(database_url: str, table: str, runs: int) -> dict[str, Any]:
@@ -467,7 +455,8 @@ async def benchmark(server: PrefectServer, options: Options, samples_file: Path)
         **await machine_and_versions(database_url),
     }
     started = time.perf_counter()
-    await build_indexes_of_today(database_url)
+    # What an interrupted run dropped (for the 3.4-style schema, or for a big load).
+    await restore_indexes(database_url)
     windows = await ensure_events(database_url, kept, sizes, WINDOWS)
     results["events"] = sum(window.events for window in windows.values())
     results.update(await measure_logs(database_url, options))

@@ -273,18 +273,16 @@ async def ensure_events(
 
 @asynccontextmanager
 async def _indexes_built_after(database_url: str, tables: tuple[str, ...], rows: int) -> AsyncIterator[None]:
-    """For a big load, the tables' secondary indexes dropped before and built again after:
-    building an index once is many times faster than growing it row by row (the GIN indexes of
-    `events` above all)."""
+    """For a big load, the tables' indexes (primary keys included: none of these tables is
+    referenced) dropped before and built again after: building an index once is many times
+    faster than growing it row by row, above all the GIN indexes of `events` and the random
+    uuids of the primary keys."""
     if rows < BULK_LOAD_ROWS:
         yield
         return
     async with _slow(database_url) as connection:
         names = await connection.execute(
-            text(
-                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(:tables) "
-                "AND indexname NOT IN (SELECT conname FROM pg_constraint)"
-            ),
+            text("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(:tables)"),
             {"tables": list(tables)},
         )
         names = list(names.scalars())
@@ -295,17 +293,25 @@ async def _indexes_built_after(database_url: str, tables: tuple[str, ...], rows:
         await restore_indexes(database_url)
 
 
+# What builds an index of Prefect's tables again: its definition, or for a primary key the
+# constraint that owns it.
+_DEFINITION = """
+SELECT coalesce(
+    (SELECT format('ALTER TABLE %s ADD CONSTRAINT %I %s', c.conrelid::regclass, c.conname, pg_get_constraintdef(c.oid))
+     FROM pg_constraint AS c WHERE c.conindid = i.indexrelid AND c.contype = 'p'),
+    pg_get_indexdef(i.indexrelid))
+FROM pg_index AS i JOIN pg_class AS index_class ON index_class.oid = i.indexrelid
+JOIN pg_namespace AS n ON n.oid = index_class.relnamespace
+WHERE n.nspname = 'public' AND index_class.relname = :name
+"""
+
+
 async def drop_indexes(database_url: str, names: Iterable[str]) -> None:
     """Drop these indexes of Prefect's tables, their definitions kept for `restore_indexes`."""
     async with _slow(database_url) as connection:
         await _anchor(connection)
         for name in names:
-            definition = (
-                await connection.execute(
-                    text("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND indexname = :name"),
-                    {"name": name},
-                )
-            ).scalar()
+            definition = (await connection.execute(text(_DEFINITION), {"name": name})).scalar()
             if definition is None:
                 continue
             await connection.execute(
@@ -314,7 +320,11 @@ async def drop_indexes(database_url: str, names: Iterable[str]) -> None:
                 ),
                 {"name": name, "definition": definition},
             )
-            await connection.execute(text(f"DROP INDEX {name}"))
+            if definition.startswith("ALTER TABLE"):
+                table = definition.split()[2]
+                await connection.execute(text(f"ALTER TABLE {table} DROP CONSTRAINT {name}"))
+            else:
+                await connection.execute(text(f"DROP INDEX {name}"))
         await connection.commit()
 
 

@@ -156,7 +156,13 @@ async def events_engine_default(workload: EventWorkload) -> None:
 async def warm_up() -> None:
     """One dry run of the flow that finds nothing: Prefect's flow engine pays its one-time
     start-up cost (imports, first client) here, not inside a measurement."""
-    await retention(older_than_days=3650, flow_names=[PROBE_FLOW], dry_run=True, events_older_than_days=3650)
+    await retention(
+        older_than_days=3650,
+        flow_names=[PROBE_FLOW],
+        dry_run=True,
+        events_older_than_days=3650,
+        heartbeat_events_older_than_days=3650,
+    )
 
 
 async def prefect_event_vacuum(workload: EventWorkload) -> None:

@@ -80,7 +80,7 @@ worker: $(VENV)
 # runs, about ten minutes to seed) is kept there for the next run.
 # The events database (10,000,000 events with their resources and a log table of
 # 30,000,000 lines, over an hour to seed, about 45 GB) is kept there too; seeding stops
-# short when the disk has less than 10 GB left.
+# short when the disk has less than 12 GB left.
 BENCH_RUNS ?= 100000
 BENCH_POPULATION ?= 1000000
 BENCH_EVENTS ?= 10000000

@@ -46,7 +46,7 @@ SEED_CHUNK_LOGS = 1_000_000
 LOG_SLICE_PREFIX = "bench-log-slice"
 # Seeding stops (and says so) when the disk of the database has less than this left: the
 # machine is shared, and a full disk stops every PostgreSQL on it.
-DISK_RESERVE_BYTES = 10 * 2**30
+DISK_RESERVE_BYTES = 12 * 2**30
 BULK_LOAD_MAX_WAL_SIZE = "4GB"
 # A load of at least this many rows drops the table's secondary indexes and builds them after.
 BULK_LOAD_ROWS = 1_000_000

@@ -255,8 +255,12 @@ async def ensure_events(
         for name, wanted in [*slices.items(), (KEPT, kept)]:
             low, high = window_bounds(anchor, name, methods)
             present = await _events_between(connection, low, high)
-            if name != KEPT and present != wanted:
-                # What an interrupted run left of the window: start the window over.
+            if name != KEPT and (
+                present != wanted
+                or await _resources_between(connection, low, high) != seeded_resources(present)
+            ):
+                # What an interrupted run left of the window (Prefect's vacuum deletes
+                # resources before their events): start the window over.
                 await _delete_between(connection, low, high)
                 present = 0
             missing = max(0, wanted - present)
@@ -427,6 +431,18 @@ def _md5_uuid(value: str) -> UUID:
 
 async def _events_between(connection: AsyncConnection, low: datetime, high: datetime) -> int:
     statement = text("SELECT count(*) FROM events WHERE occurred >= :low AND occurred < :high")
+    return (await connection.execute(statement, {"low": low, "high": high})).scalar_one()
+
+
+def seeded_resources(events: int) -> int:
+    """The resource rows `_seed_events` writes for `events` events: each event's own, and three
+    related ones for the flow run's three state changes of every ten events, two for the others."""
+    runs, rest = divmod(events, EVENTS_PER_RUN)
+    return 3 * events + 3 * runs + min(rest, 3)
+
+
+async def _resources_between(connection: AsyncConnection, low: datetime, high: datetime) -> int:
+    statement = text("SELECT count(*) FROM event_resources WHERE occurred >= :low AND occurred < :high")
     return (await connection.execute(statement, {"low": low, "high": high})).scalar_one()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -102,22 +103,29 @@ async def api_bulk_delete(workload: Workload) -> None:
                 return
 
 
-async def prefect_db_vacuum(workload: Workload) -> None:
-    """`vacuum_old_flow_runs` on the benchmark database, with its default batch size (200)."""
-    configuration = AsyncPostgresConfiguration(connection_url=workload.database_url)
+@contextlib.asynccontextmanager
+async def prefect_server_database(database_url: str) -> AsyncIterator[PrefectDBInterface]:
+    """Prefect's own database interface on `database_url`, as its server services get it."""
+    configuration = AsyncPostgresConfiguration(connection_url=database_url)
     database = PrefectDBInterface(
         database_config=configuration,
         query_components=AsyncPostgresQueryComponents(),
         orm=AsyncPostgresORMConfiguration(),
     )
-    retention = {"server.services.db_vacuum.retention_period": timedelta(days=OLDEST_SLICE_CUTOFF_DAYS)}
     try:
-        with temporary_settings(retention):
-            await vacuum_old_flow_runs(db=database)
+        yield database
     finally:
         # Its engines are cached per event loop; close them rather than leave connections open.
-        for key in [key for key in ENGINES if key[1] == workload.database_url]:
+        for key in [key for key in ENGINES if key[1] == database_url]:
             await ENGINES.pop(key).dispose()
+
+
+async def prefect_db_vacuum(workload: Workload) -> None:
+    """`vacuum_old_flow_runs` on the benchmark database, with its default batch size (200)."""
+    retention = {"server.services.db_vacuum.retention_period": timedelta(days=OLDEST_SLICE_CUTOFF_DAYS)}
+    async with prefect_server_database(workload.database_url) as database:
+        with temporary_settings(retention):
+            await vacuum_old_flow_runs(db=database)
 
 
 _CEILING_BATCH = text(

@@ -148,15 +148,17 @@ async def seed_slices(
     return slices
 
 
-async def settle(database_url: str) -> None:
-    """Vacuum and analyse the owned tables and checkpoint, so each method starts alike.
+async def settle(
+    database_url: str, tables: tuple[str, ...] = (*OWNED_TABLE_NAMES, "bench.slice_row")
+) -> None:
+    """Vacuum and analyse the tables (the owned ones by default) and checkpoint, so each method starts alike.
 
     Without it a method would pay for the dead rows its predecessor left (or profit from
     their absence after autovacuum), depending on the order the methods ran in.
     """
     async with connect(database_url, statement_timeout_seconds=SLOW_STATEMENT_TIMEOUT_SECONDS) as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        await autocommit.execute(text(f"VACUUM (ANALYZE) {', '.join(OWNED_TABLE_NAMES)}, bench.slice_row"))
+        await autocommit.execute(text(f"VACUUM (ANALYZE) {', '.join(tables)}"))
         await autocommit.execute(text("CHECKPOINT"))
 
 

@@ -150,7 +150,8 @@ class SqlHousekeeping:
             after = (dropped_up_to, NIL_UUID) if dry_run and dropped_up_to is not None else None
             while not deadline.passed:
                 async with self._database.transaction(write=not dry_run) as connection:
-                    batch = (await connection.execute(self._next_events(rule, after))).all()
+                    by_resource = not await self._resources_have_event_index(connection)
+                    batch = (await connection.execute(self._next_events(rule, after, by_resource))).all()
                     if not batch:
                         break
                     after = (batch[-1].occurred, batch[-1].id)
@@ -172,15 +173,22 @@ class SqlHousekeeping:
                 )
         return dict(found)
 
-    def _next_events(self, rule: EventRetention, after: tuple[datetime, UUID] | None) -> sa.Select:
+    def _next_events(
+        self, rule: EventRetention, after: tuple[datetime, UUID] | None, by_resource: bool
+    ) -> sa.Select:
+        """The next batch of events; with their resource ids only when those find their resource
+        rows (decoding every event's related ids was a third of a batch's time when unused)."""
         conditions = [rule.condition()]
         if after is not None:
             conditions += [
                 EVENTS.c.occurred >= after[0],
                 sa.or_(EVENTS.c.occurred > after[0], EVENTS.c.id > after[1]),
             ]
+        columns = [EVENTS.c.id, EVENTS.c.occurred]
+        if by_resource:
+            columns += [EVENTS.c.resource_id, EVENTS.c.related_resource_ids]
         return (
-            sa.select(EVENTS.c.id, EVENTS.c.occurred, EVENTS.c.resource_id, EVENTS.c.related_resource_ids)
+            sa.select(*columns)
             .where(*conditions)
             .order_by(EVENTS.c.occurred, EVENTS.c.id)
             .limit(HOUSEKEEPING_BATCH_ROWS)

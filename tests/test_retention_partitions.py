@@ -11,7 +11,10 @@ import pytest
 import sqlalchemy as sa
 from conftest import serving
 from history import database_of, scalar
+from prefect.server.services.db_vacuum import vacuum_events_with_retention_overrides, vacuum_old_events
+from prefect.settings import temporary_settings
 
+from bench.baselines import prefect_server_database
 from deploy import PROJECT_ROOT
 from flows.db_health import db_health_report
 from flows.retention import retention
@@ -195,3 +198,28 @@ async def test_the_health_report_reads_partitioned_event_tables(partitioned):
     # Each partition is a table of its own on disk, sized and checked like one.
     surveyed = {table.name for table in report.tables}
     assert {f"events_{day:%Y%m%d}" for day in days_past_the_age()} <= surveyed, surveyed
+
+
+async def test_prefects_own_event_vacuum_works_on_partitioned_tables(partitioned):
+    """For users who leave events to the server: the db_vacuum service's event functions
+    (3.9), called as the service calls them, delete through the partitioned tables too."""
+    assert (await counts_past_the_age())[0] > 0
+    settings = {
+        "server.events.retention_period": timedelta(days=EVENTS_DAYS),
+        "server.services.db_vacuum.event_retention_overrides": {
+            HEARTBEAT_EVENT: timedelta(days=HEARTBEAT_DAYS)
+        },
+    }
+    async with prefect_server_database(partitioned.database_url) as database:
+        with temporary_settings(settings):
+            await vacuum_events_with_retention_overrides(db=database)
+            await vacuum_old_events(db=database)
+    assert await counts_past_the_age() == (0, 0)
+    assert await scalar(f"SELECT count(*) FROM events WHERE {OURS} AND NOT ({PAST_AGE})") > 0
+    assert (
+        await scalar(
+            "SELECT count(*) FROM event_resources AS resource WHERE resource.resource_id LIKE 'prefect.flow-run.partitioned-%' "
+            "AND NOT EXISTS (SELECT FROM events WHERE events.id = resource.event_id)"
+        )
+        == 0
+    )

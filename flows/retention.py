@@ -22,6 +22,7 @@ from tasks.retention.parameters import EngineChoice, RetentionParameters, Termin
 from tasks.retention.purge import (
     delete_old_events,
     drop_old_partitions,
+    event_rules,
     heap_frozen,
     limitations,
     purge_expired_runs,
@@ -142,9 +143,9 @@ async def retention(
             with heap_frozen():
                 purge = await purge_expired_runs(chosen, policy, parameters, throttle, deadline)
             orphans = await sweep_orphans(chosen, parameters, deadline)
-            now = datetime.now(UTC)
-            partitions = await drop_old_partitions(chosen, parameters, now)
-            events = await delete_old_events(chosen, parameters, deadline, now, partitions)
+            rules = event_rules(parameters, datetime.now(UTC))
+            partitions = await drop_old_partitions(chosen, parameters, rules)
+            events = await delete_old_events(chosen, parameters, deadline, rules, partitions)
             vacuumed = await vacuum_tables(chosen, parameters, [purge.totals.rows, orphans, events])
             logs_queued = await wait_for_log_deletion(chosen, parameters)
         flow_names_by_id, deployment_names_by_id = await chosen.names_of(

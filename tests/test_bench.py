@@ -37,6 +37,15 @@ def benchmark_server(module_server_factory):
     return module_server_factory(extra_env=BENCH_SERVER_ENVIRONMENT)
 
 
+def check_targets_and_table(benchmark, results: dict) -> None:
+    """Every target of `benchmark` judged, and its markdown table has a row for each method."""
+    assert len(results["targets"]) == len(benchmark.TARGETS)
+    assert {target["status"] for target in results["targets"]} <= {"pass", "miss", "not measured"}
+    table = benchmark.to_markdown(results)
+    for name in benchmark.METHODS_BY_NAME:
+        assert f"| {name} |" in table
+
+
 async def test_retention_benchmark_deletes_each_slice_exactly(benchmark_server, tmp_path):
     options = retention.Options(
         runs=400, idle_seconds=1.0, log_wait_seconds=30.0, logs_gone_wait_seconds=60.0
@@ -66,11 +75,7 @@ async def test_retention_benchmark_deletes_each_slice_exactly(benchmark_server, 
         assert measured["seconds_until_logs_gone"] >= measured["seconds"], name
         assert results[f"{name}_runs_per_s_until_logs_gone"] <= measured["runs_per_s"], name
     assert results["kept_rows_intact"] is True
-    assert len(results["targets"]) == len(retention.TARGETS)
-    assert {target["status"] for target in results["targets"]} <= {"pass", "miss", "not measured"}
-    table = retention.to_markdown(results)
-    for name in retention.METHODS_BY_NAME:
-        assert f"| {name} |" in table
+    check_targets_and_table(retention, results)
 
 
 async def test_reconcile_and_health_benchmarks_on_a_small_population(benchmark_server):

@@ -9,6 +9,7 @@ import json
 import pytest
 from conftest import serving
 from sqlalchemy import text
+from test_bench import check_targets_and_table
 
 from bench import event_slices, events
 from bench.harness import BENCH_SERVER_ENVIRONMENT, write_json
@@ -80,11 +81,7 @@ async def test_events_benchmark_deletes_each_window_exactly(benchmark_server, tm
     assert results["logs"] == 30_000
     for prefix in ("log_", "log_small_table_"):
         assert results[f"{prefix}deletion"]["lines_deleted"] == 10 * LOG_SLICE_RUNS, prefix
-    assert len(results["targets"]) == len(events.TARGETS)
-    assert {target["status"] for target in results["targets"]} <= {"pass", "miss", "not measured"}
-    table = events.to_markdown(results)
-    for name in events.METHODS_BY_NAME:
-        assert f"| {name} |" in table
+    check_targets_and_table(events, results)
 
 
 async def test_a_window_that_lost_resources_is_seeded_again(benchmark_server):

@@ -202,13 +202,12 @@ def event_rules(parameters: RetentionParameters, now: datetime) -> list[EventRet
 
 @task(name="drop-old-partitions", cache_policy=NO_CACHE)
 async def drop_old_partitions(
-    engine: RetentionEngine, parameters: RetentionParameters, now: datetime
+    engine: RetentionEngine, parameters: RetentionParameters, rules: list[EventRetention]
 ) -> PartitionDrops:
     """Partitioned `events` and `event_resources` (docs/scale.md): each partition all of whose
     rows are past the age goes whole, before the row deletes. Elsewhere: nothing to do."""
     if engine.housekeeping is None:
         return PartitionDrops()
-    rules = event_rules(parameters, now)
     return await engine.housekeeping.drop_old_partitions(rules, dry_run=parameters.dry_run)
 
 
@@ -217,14 +216,13 @@ async def delete_old_events(
     engine: RetentionEngine,
     parameters: RetentionParameters,
     deadline: Deadline,
-    now: datetime,
+    rules: list[EventRetention],
     partitions: PartitionDrops,
 ) -> dict[str, int]:
     """`event_resources` then `events`, past `events_older_than_days` (heartbeats: their own
     age), row by row where `partitions` did not drop them whole."""
     if engine.housekeeping is None:
         return {}
-    rules = event_rules(parameters, now)
     return await engine.housekeeping.delete_old_events(
         rules, deadline, dry_run=parameters.dry_run, dropped_up_to=partitions.events_covered_up_to()
     )

@@ -33,7 +33,7 @@ KEPT_SQLSTATES = {"55P03": "busy (lock_timeout reached)", "42501": "not owned by
 # of its range (NULL for the default partition and for `TO (MAXVALUE)`: never dropped).
 # PostgreSQL prints the bound in the session's time zone and reads it back the same way.
 PARTITIONS_SQL = r"""
-SELECT parent.relname AS parent,
+SELECT parent.oid::regclass::text AS parent,
        child.oid::regclass::text AS partition,
        substring(pg_get_expr(child.relpartbound, child.oid) FROM 'TO \(''([^'']+)''\)')::timestamptz AS up_to,
        CASE WHEN child.reltuples >= 0 THEN child.reltuples::bigint END AS rows_estimated,
@@ -46,7 +46,7 @@ JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
 WHERE parent.oid IN (to_regclass('events'), to_regclass('event_resources'))
   AND partitioned.partstrat = 'r' AND partitioned.partnatts = 1 AND key.attname = 'occurred'
   AND child.relkind = 'r'
-ORDER BY parent.relname, up_to
+ORDER BY parent, up_to
 """
 
 
@@ -117,13 +117,11 @@ async def drop_old_partitions(
 
 async def _detach_and_drop(database: PrefectDatabase, partition: DroppedPartition) -> str | None:
     """None when the partition is gone; else why it stays."""
-    parent = sa.text("SELECT quote_ident(:table)").bindparams(table=partition.table)
     try:
         async with database.transaction(write=True) as connection:
-            quoted_parent = (await connection.execute(parent)).scalar_one()
-            # Both names come from the catalog, quoted by PostgreSQL (`regclass::text`, `quote_ident`).
+            # Both names come from the catalog, quoted by PostgreSQL where they need it (`regclass::text`).
             await connection.exec_driver_sql(
-                f"ALTER TABLE {quoted_parent} DETACH PARTITION {partition.partition}"
+                f"ALTER TABLE {partition.table} DETACH PARTITION {partition.partition}"
             )
             await connection.exec_driver_sql(f"DROP TABLE {partition.partition}")
     except sa.exc.DBAPIError as error:
